@@ -1,0 +1,140 @@
+"""The model directory: manifest schema, I/O declared once as data, and the loader's checks.
+
+export/ writes it, engine/ only reads it. Everything the runtime needs to know about the graph
+(names, dtypes, shapes, cache capacity) comes from manifest.json, never from literals in code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.config import GPT2Config
+from engine.errors import ArtifactError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+ENGINES_DIR = "engines"
+# One opset for every graph family: 24 brings TensorScatter (in-place cache write).
+OPSET = 24
+PRECISIONS = ("fp32", "fp16")
+
+# Graph inputs/outputs, declared once. Shapes use the symbolic dims below.
+#   batch: rows; seq: new tokens this call; n_logits: positions per row that get logits;
+#   capacity: KV-cache slots per row (<= n_positions), chosen by the runtime at allocation.
+INPUT_IDS = "input_ids"                # int64 (batch, seq)
+CACHE_POSITIONS = "cache_positions"    # int64 (batch,): slot of this call's first token per row
+LOGITS_INDICES = "logits_indices"      # int64 (batch, n_logits): which of the seq tokens get logits
+LOGITS = "logits"                      # float32 (batch, n_logits, vocab)
+
+
+def past_key(i: int) -> str:
+    return f"past_key_values.{i}.key"
+
+
+def past_value(i: int) -> str:
+    return f"past_key_values.{i}.value"
+
+
+def present_key(i: int) -> str:
+    return f"present.{i}.key"
+
+
+def present_value(i: int) -> str:
+    return f"present.{i}.value"
+
+
+def cache_io_pairs(n_layer: int) -> list[tuple[str, str]]:
+    """(past input, present output) names that the runtime binds to one buffer."""
+    pairs = []
+    for i in range(n_layer):
+        pairs.append((past_key(i), present_key(i)))
+        pairs.append((past_value(i), present_value(i)))
+    return pairs
+
+
+def io_spec(config: GPT2Config, precision: str) -> dict:
+    """The graph's I/O as data: written to the manifest, checked against the ONNX graph in tests."""
+    cache_dtype = "float16" if precision == "fp16" else "float32"
+    cache_shape = ["batch", config.n_head, "capacity", config.head_dim]
+    inputs = [
+        {"name": INPUT_IDS, "dtype": "int64", "shape": ["batch", "seq"]},
+        {"name": CACHE_POSITIONS, "dtype": "int64", "shape": ["batch"]},
+        {"name": LOGITS_INDICES, "dtype": "int64", "shape": ["batch", "n_logits"]},
+    ]
+    outputs = [{"name": LOGITS, "dtype": "float32", "shape": ["batch", "n_logits", config.vocab_size]}]
+    for past, present in cache_io_pairs(config.n_layer):
+        inputs.append({"name": past, "dtype": cache_dtype, "shape": cache_shape})
+        outputs.append({"name": present, "dtype": cache_dtype, "shape": cache_shape, "aliases": past})
+    return {"inputs": inputs, "outputs": outputs}
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A loaded, validated model directory."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def config(self) -> GPT2Config:
+        return GPT2Config.from_dict(self.manifest["config"])
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["precision"]
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.manifest["model_file"]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / self.manifest["tokenizer_file"]
+
+    @property
+    def max_capacity(self) -> int:
+        return int(self.manifest["cache"]["max_capacity"])
+
+    @property
+    def is_random(self) -> bool:
+        return self.manifest["source"].get("kind") == "random"
+
+    @property
+    def label(self) -> str:
+        """How outputs that show text name the weights (random weights are always labelled)."""
+        src = self.manifest["source"]
+        if src.get("kind") == "random":
+            return f"{src.get('name')} (RANDOM weights, seed {src.get('seed')}: output is not language)"
+        return str(src.get("name"))
+
+
+def load_artifact(path: str | Path) -> Artifact:
+    """Read and check a model directory; every failure says what to re-run."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ArtifactError(f"model directory {p} does not exist: create it with `gpt2-engine export MODEL --out {p}`")
+    mpath = p / MANIFEST
+    if not mpath.is_file():
+        raise ArtifactError(f"{p} is not a gpt2-engine model directory (no {MANIFEST}): "
+                            f"create one with `gpt2-engine export MODEL --out {p}`")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{mpath} is corrupt ({e}): re-run `gpt2-engine export` into a fresh directory") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"{p} has manifest format version {version!r}, this gpt2-engine reads version "
+                            f"{FORMAT_VERSION}: re-run `gpt2-engine export` with this version")
+    required = ("config", "precision", "model_file", "tokenizer_file", "cache", "io", "source")
+    missing = [k for k in required if k not in manifest]
+    if missing:
+        raise ArtifactError(f"{mpath} lacks {', '.join(missing)}: re-run `gpt2-engine export`")
+    art = Artifact(p, manifest)
+    for f in (art.model_path, art.tokenizer_path):
+        if not f.is_file():
+            raise ArtifactError(f"{p} is incomplete: {f.name} is missing; re-run `gpt2-engine export`")
+    return art

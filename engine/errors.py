@@ -1,0 +1,22 @@
+"""User-facing errors: each message says what is wrong and how to fix it. The CLI prints them
+on one line and exits non-zero; library callers can catch `EngineError`."""
+
+
+class EngineError(Exception):
+    """Base class of every error gpt2-engine raises on purpose."""
+
+
+class ArtifactError(EngineError):
+    """A model directory is missing, corrupt, or of another format version."""
+
+
+class CheckpointError(EngineError):
+    """A checkpoint cannot be found or does not match the GPT-2 architecture."""
+
+
+class InputError(EngineError, ValueError):
+    """A prompt or parameter is out of range."""
+
+
+class BackendUnavailable(EngineError):
+    """A backend's libraries or hardware are missing."""
