@@ -1,0 +1,39 @@
+"""The one small interface every backend implements; the generation loop only sees this.
+
+A backend owns the compiled model (session or engine). A KV cache belongs to one request (one
+generate call) so concurrent requests never share mutable state; the backend's `forward` must be
+safe to call from several threads on different caches.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class KVCache(Protocol):
+    batch: int       # rows
+    capacity: int    # slots per row; positions 0..capacity-1 may be written
+
+
+class Backend(Protocol):
+    name: str
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """Allocate the per-layer key/value buffers once: (batch, n_head, capacity, head_dim) each."""
+        ...
+
+    def forward(self, cache: Any, input_ids: np.ndarray, cache_positions: np.ndarray,
+                logits_indices: np.ndarray) -> np.ndarray:
+        """Run the decoder over new tokens and update `cache` in place.
+
+        input_ids:       int64 (B, T)   new tokens; row b's token t lands in slot cache_positions[b] + t
+        cache_positions: int64 (B,)     slots already filled per row (= the row's first new position)
+        logits_indices:  int64 (B, K)   which of the T new tokens return logits
+        returns:         float32 (B, K, vocab) on the host
+        """
+        ...
+
+    def close(self) -> None:
+        ...
