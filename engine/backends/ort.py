@@ -1,0 +1,94 @@
+"""ONNX Runtime backend: CPU by default, the CUDA execution provider when asked for and present.
+
+The KV cache is allocated once per request and bound through IO binding as both the `past` input and
+the `present` output of every layer, so TensorScatter writes the new keys/values in place: a decode
+step copies neither the cache nor the weights, and only the requested logits come back to the host.
+
+Thread safety: one InferenceSession is shared (ORT's `run` is thread-safe); each cache owns its own
+IO binding and buffers, so concurrent requests on different caches never share mutable state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine import artifact as io
+from engine.artifact import Artifact
+from engine.errors import BackendUnavailable
+
+_NP_DTYPE = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass
+class OrtCache:
+    batch: int
+    capacity: int
+    buffers: list          # OrtValues, one per (layer, key|value), in cache_io_pairs order
+    binding: object        # the IO binding with the cache already bound
+    arrays: list           # numpy views of CPU buffers (None on CUDA): what tests inspect
+
+
+class OrtBackend:
+    name = "ort"
+
+    def __init__(self, artifact: Artifact, device: str = "cpu", threads: int | None = None,
+                 optimized_model_path: str | None = None):
+        import onnxruntime as ort
+
+        self.artifact = artifact
+        self.config = artifact.config
+        self.device = device
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+        if optimized_model_path:
+            so.optimized_model_filepath = optimized_model_path
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise BackendUnavailable("backend 'ort' with device 'cuda' needs onnxruntime-gpu and a CUDA GPU: "
+                                         "`pip install onnxruntime-gpu` (and uninstall onnxruntime), or use device 'cpu'")
+            providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+        elif device == "cpu":
+            providers = ["CPUExecutionProvider"]
+        else:
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        self.session = ort.InferenceSession(str(artifact.model_path), so, providers=providers)
+        self._ort = ort
+        self._cache_dtype = _NP_DTYPE[artifact.manifest["cache"]["dtype"]]
+        self._pairs = io.cache_io_pairs(self.config.n_layer)
+
+    def new_cache(self, batch: int, capacity: int) -> OrtCache:
+        cfg = self.config
+        shape = (batch, cfg.n_head, capacity, cfg.head_dim)  # (B, nh, S, hs)
+        binding = self.session.io_binding()
+        binding.bind_output(io.LOGITS, "cpu")  # bound first: output 0 (a rebind keeps its slot)
+        buffers, arrays = [], []
+        for past, present in self._pairs:
+            if self.device == "cpu":
+                arr = np.zeros(shape, self._cache_dtype)
+                ov = self._ort.OrtValue.ortvalue_from_numpy(arr)  # shares memory with arr
+                arrays.append(arr)
+            else:
+                ov = self._ort.OrtValue.ortvalue_from_shape_and_type(shape, self._cache_dtype, "cuda", 0)
+                arrays.append(None)
+            binding.bind_ortvalue_input(past, ov)
+            binding.bind_ortvalue_output(present, ov)  # same buffer: TensorScatter writes in place
+            buffers.append(ov)
+        return OrtCache(batch, capacity, buffers, binding, arrays)
+
+    def forward(self, cache: OrtCache, input_ids: np.ndarray, cache_positions: np.ndarray,
+                logits_indices: np.ndarray) -> np.ndarray:
+        b = cache.binding
+        b.bind_cpu_input(io.INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))            # (B, T)
+        b.bind_cpu_input(io.CACHE_POSITIONS, np.ascontiguousarray(cache_positions, dtype=np.int64))  # (B,)
+        b.bind_cpu_input(io.LOGITS_INDICES, np.ascontiguousarray(logits_indices, dtype=np.int64))    # (B, K)
+        b.bind_output(io.LOGITS, "cpu")  # rebind: ORT allocates logits of this step's shape
+        self.session.run_with_iobinding(b)
+        return b.get_outputs()[0].numpy()  # only the logits cross to the host                     # (B, K, V)
+
+    def close(self) -> None:
+        self.session = None

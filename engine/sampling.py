@@ -1,0 +1,201 @@
+"""Next-token selection on the host: sampling parameters, logits -> probabilities, and the draw.
+
+The pipeline follows Hugging Face `generate` so that its logits processors are the test oracle:
+repetition penalty -> temperature -> top-k -> top-p -> softmax. `logits_to_probs` is pure; the only
+randomness is the uniform draw in `sample_next`, from an RNG the caller passes in (one per row, so a
+seeded request reproduces no matter what else shares its batch).
+
+Cost: the vocabulary is 50257 wide, but after top-k only a few dozen candidates survive, so the work
+over the full vocabulary is a penalty on the context ids, one `argpartition` and one comparison;
+sorting and softmax run on the survivors only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.errors import InputError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens. Validated on construction; every field states its range."""
+
+    max_new_tokens: int = 64         # >= 1; tokens generated at most (stops may end earlier)
+    temperature: float = 1.0         # >= 0; 0 means greedy (argmax); < 1 sharpens, > 1 flattens
+    top_k: int = 40                  # >= 0; 0 disables; 40 is the GPT-2 paper's compromise
+    top_p: float = 1.0               # in (0, 1]; 1 disables; keep the smallest set with mass >= top_p
+    repetition_penalty: float = 1.0  # > 0; 1 disables; > 1 discourages tokens already in the context
+    seed: int | None = None          # >= 0, or None for a fresh nondeterministic seed
+    stop: tuple[str, ...] = ()       # non-empty strings; generation ends before the first match
+    stop_at_eos: bool = True         # end the row at <|endoftext|>
+
+    def __post_init__(self) -> None:
+        # A bare string is one stop string (vLLM accepts str | list[str]), not a tuple of characters.
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", stop)
+
+        _check_int("max_new_tokens", self.max_new_tokens)
+        if self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _check_real("temperature", self.temperature)
+        if not self.temperature >= 0:
+            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+        _check_int("top_k", self.top_k)
+        if self.top_k < 0:
+            raise InputError(f"top_k must be >= 0 (0 disables), got {self.top_k}")
+        _check_real("top_p", self.top_p)
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        _check_real("repetition_penalty", self.repetition_penalty)
+        if not self.repetition_penalty > 0:
+            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None:
+            _check_int("seed", self.seed)
+            if self.seed < 0:
+                raise InputError(f"seed must be >= 0 or None, got {self.seed}")
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise InputError(f"stop strings must be non-empty strings, got {s!r}")
+        if not isinstance(self.stop_at_eos, bool):
+            raise InputError(f"stop_at_eos must be a bool, got {self.stop_at_eos!r}")
+
+    @property
+    def is_greedy(self) -> bool:
+        """Deterministic argmax: temperature 0, or top-k 1 (a single candidate)."""
+        return self.temperature == 0 or self.top_k == 1
+
+    @classmethod
+    def greedy(cls, max_new_tokens: int = 64, **kwargs) -> SamplingParams:
+        """Greedy decoding, the setting that matches HF `generate(do_sample=False)`."""
+        return cls(max_new_tokens=max_new_tokens, temperature=0.0, **kwargs)
+
+
+def _check_int(name: str, value) -> None:
+    # bool is an int subclass; `top_k=True` is a bug at the call site, not a 1.
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InputError(f"{name} must be an int, got {value!r}")
+
+
+def _check_real(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InputError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise InputError(f"{name} must be finite, got {value}")
+
+
+def make_rng(seed: int | None) -> np.random.Generator:
+    """The per-request RNG; a seed makes the request's samples reproducible."""
+    return np.random.default_rng(seed)
+
+
+def _penalize(logits: np.ndarray, penalty: float, context_ids: np.ndarray | None) -> np.ndarray:
+    """CTRL/HF repetition penalty on the context's tokens: positive logits shrink, negative grow."""
+    if penalty == 1.0 or context_ids is None or len(context_ids) == 0:
+        return logits
+    out = logits.copy()                                            # (V,)
+    seen = np.asarray(context_ids, dtype=np.int64)                 # (L,) repeats are harmless
+    x = out[seen]
+    out[seen] = np.where(x < 0, x * penalty, x / penalty)
+    return out
+
+
+def _nucleus_size(sorted_probs: np.ndarray, top_p: float) -> int:
+    """Length of the shortest head of `sorted_probs` (descending) whose mass is >= top_p.
+
+    The same set HF's TopPLogitsWarper keeps: it drops a token when the mass of the token and of all
+    tokens ranked below it is <= 1 - top_p, i.e. when the tokens ranked above it already reach top_p.
+    """
+    cum = np.cumsum(sorted_probs)
+    return min(int(np.searchsorted(cum, top_p, side="left")) + 1, len(sorted_probs))
+
+
+def _candidates(logits: np.ndarray, params: SamplingParams,
+                context_ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens that may be drawn and their probabilities: (ids int64 (C,), probs float64 (C,)).
+
+    Sparse so that the draw touches C candidates, not the whole vocabulary.
+    """
+    assert logits.ndim == 1, logits.shape
+    x = _penalize(logits, params.repetition_penalty, context_ids)  # (V,)
+    V = x.shape[0]
+
+    if params.is_greedy:
+        return np.array([int(np.argmax(x))], dtype=np.int64), np.ones(1)
+
+    # Top-k before temperature selects the same tokens (dividing by T > 0 keeps the order) and lets
+    # the temperature touch only the survivors. Ties with the k-th logit stay, as in HF.
+    if 0 < params.top_k < V:
+        part = np.argpartition(x, V - params.top_k)[V - params.top_k:]  # (k,) unordered
+        kth = x[part].min()
+        ids = part if np.count_nonzero(x >= kth) == params.top_k else np.flatnonzero(x >= kth)
+    else:
+        ids = np.arange(V)
+
+    z = x[ids].astype(np.float64) / params.temperature            # (C,)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+
+    if params.top_p < 1.0:
+        if len(ids) <= 1024:
+            order = np.argsort(-p, kind="stable")
+            n = _nucleus_size(p[order], params.top_p)
+        else:
+            # Full vocabulary (top_k = 0): the nucleus is usually a small head, so look at the m most
+            # likely tokens and widen m until their mass reaches top_p instead of sorting 50257.
+            m = 256
+            while True:
+                if m >= len(p):
+                    order = np.argsort(-p, kind="stable")
+                    n = _nucleus_size(p[order], params.top_p)
+                    break
+                head = np.argpartition(-p, m - 1)[:m]
+                order = head[np.argsort(-p[head], kind="stable")]
+                n = _nucleus_size(p[order], params.top_p)
+                if n < m:
+                    break
+                m *= 4
+        keep = order[:n]
+        ids, p = ids[keep], p[keep] / p[keep].sum()
+    return ids.astype(np.int64, copy=False), p
+
+
+def logits_to_probs(logits: np.ndarray, params: SamplingParams,
+                    context_ids: np.ndarray | None = None) -> np.ndarray:
+    """Pure: one row's logits (V,) -> the distribution of its next token, float64 (V,).
+
+    context_ids: the row's prompt and generated tokens so far (for the repetition penalty).
+    Greedy parameters give a one-hot distribution at the (penalized) argmax.
+    """
+    ids, p = _candidates(np.asarray(logits), params, context_ids)
+    probs = np.zeros(logits.shape[-1], dtype=np.float64)           # (V,)
+    probs[ids] = p
+    return probs
+
+
+def sample_next(logits: np.ndarray, params: list[SamplingParams], contexts: list[np.ndarray],
+                rngs: list[np.random.Generator]) -> np.ndarray:
+    """Pick each row's next token, with that row's parameters, context and RNG.
+
+    logits:   float32 (B, V), the last position of each row
+    params:   B SamplingParams; rows of one batch may differ
+    contexts: B int arrays, each row's prompt + generated ids (for the repetition penalty)
+    rngs:     B generators; a row left with one candidate (greedy, say) does not consume its RNG
+    returns:  int64 (B,)
+    """
+    B = logits.shape[0]
+    assert len(params) == len(contexts) == len(rngs) == B, (B, len(params), len(contexts), len(rngs))
+    out = np.empty(B, dtype=np.int64)                              # (B,)
+    for b in range(B):
+        ids, p = _candidates(logits[b], params[b], contexts[b])
+        if len(ids) == 1:
+            out[b] = ids[0]
+            continue
+        # Inverse CDF: the single random call. `u * total` guards against the sum drifting off 1.
+        cdf = np.cumsum(p)
+        i = int(np.searchsorted(cdf, rngs[b].random() * cdf[-1], side="right"))
+        out[b] = ids[min(i, len(ids) - 1)]
+    return out

@@ -1,0 +1,126 @@
+"""Checkpoint -> model directory (manifest.json, model.onnx [+ model.onnx.data], tokenizer.json).
+
+Everything is written into a temporary sibling directory and moved into place only when complete,
+so a failure never leaves a half-written model directory behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import onnx
+from tqdm import tqdm
+
+from engine import artifact as io
+from engine.errors import CheckpointError, EngineError
+from export.checkpoint import Checkpoint, random_checkpoint, resolve_checkpoint, sha256_file
+from export.graph import build_decoder_graph
+from export.tokenizer import tokenizer_for_checkpoint
+
+# Protobuf cannot hold more than 2 GB: past this the weights go to model.onnx.data.
+EXTERNAL_DATA_THRESHOLD = 1_900_000_000
+EXTERNAL_DATA_FILE = "model.onnx.data"
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("gpt2-engine")
+    except Exception:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+def _prepare_out(out: Path, force: bool) -> Path:
+    """Fail early, before minutes of work, if --out cannot be written; return the temp directory."""
+    if out.exists() and not out.is_dir():
+        raise EngineError(f"--out {out} is a file: choose a directory path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise EngineError(f"--out {out} exists and is not empty: choose another path or pass --force to replace it")
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    except OSError as e:
+        raise EngineError(f"cannot write to {parent} ({e.strerror}): choose a writable --out") from None
+
+
+def _save_onnx(model: onnx.ModelProto, tmp: Path) -> str | None:
+    total = sum(len(t.raw_data) for t in model.graph.initializer)
+    if total < EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, str(tmp / io.MODEL_FILE))
+        return None
+    onnx.save_model(model, str(tmp / io.MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=EXTERNAL_DATA_FILE, size_threshold=1024)
+    return EXTERNAL_DATA_FILE
+
+
+def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str | None = None, seed: int = 0,
+                 init_range: float = 0.02, force: bool = False, show_progress: bool = True) -> Path:
+    """Export `spec` (directory or model name; with init='random' a size name) into the directory `out`."""
+    if precision not in io.PRECISIONS:
+        raise EngineError(f"--precision must be one of {', '.join(io.PRECISIONS)}, got {precision!r}")
+    if init not in (None, "random"):
+        raise EngineError(f"--init must be 'random' (or omitted for real weights), got {init!r}")
+    out = Path(out)
+    tmp = _prepare_out(out, force)
+    t0 = time.perf_counter()
+    try:
+        with tqdm(total=4, desc="export", unit="step", disable=not show_progress, leave=False) as bar:
+            bar.set_postfix_str("loading weights")
+            ckpt: Checkpoint = random_checkpoint(spec, seed, init_range) if init == "random" else resolve_checkpoint(spec)
+            cfg = ckpt.config
+            bar.update(1)
+            with tqdm(total=cfg.n_layer, desc="  graph", unit="layer", disable=not show_progress, leave=False) as layers:
+                model = build_decoder_graph(cfg, ckpt.weights, precision, progress=layers.update)
+            del ckpt.weights  # the graph holds its own copy; keep peak memory at ~2x the weights
+            bar.update(1)
+            bar.set_postfix_str("writing model.onnx")
+            external = _save_onnx(model, tmp)
+            del model
+            bar.update(1)
+            bar.set_postfix_str("tokenizer + manifest")
+            tokenizer_for_checkpoint(ckpt.directory).save(str(tmp / io.TOKENIZER_FILE))
+            files = [io.MODEL_FILE] + ([external] if external else [])
+            manifest = {
+                "format_version": io.FORMAT_VERSION,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "gpt2_engine_version": _version(),
+                "config": cfg.to_dict(),
+                "precision": precision,
+                "opset": io.OPSET,
+                "model_file": io.MODEL_FILE,
+                "external_data_file": external,
+                "onnx_sha256": {f: sha256_file(tmp / f) for f in files},
+                "tokenizer_file": io.TOKENIZER_FILE,
+                "cache": {"max_capacity": cfg.n_positions, "dtype": "float16" if precision == "fp16" else "float32",
+                          "layout": "(batch, n_head, capacity, head_dim)", "padding": "right"},
+                "io": io.io_spec(cfg, precision),
+                "source": ckpt.source,
+                "export_seconds": round(time.perf_counter() - t0, 2),
+            }
+            (tmp / io.MANIFEST).write_text(json.dumps(manifest, indent=2))
+            bar.update(1)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Replace `out` with the finished directory; the old one is removed only after the swap."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{int(time.time())}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["export_model", "CheckpointError"]

@@ -1,0 +1,230 @@
+"""Build the GPT-2 decoder as an ONNX graph, directly from the checkpoint's arrays (no torch).
+
+The graph reads top-down like the model: embeddings, blocks, final norm, LM head. Every weight keeps
+its checkpoint name as the initializer name, and nodes are named by scope (`/h.3/attn/c_attn/MatMul`),
+so an error from ONNX Runtime or TensorRT points at the line that made the node.
+
+KV cache: each layer's past key/value is a fixed-capacity buffer (B, nh, S, hs). `TensorScatter`
+(opset 24) writes this call's keys/values at each row's slot `cache_positions[b]`; the runtime binds
+past and present to one buffer so the write happens in place. Attention then reads only the filled
+prefix of the cache (slots < max(cache_positions) + T), with a causal mask by absolute position, so
+rows of a batch may hold different lengths (right padding: a row's padded tail is written but masked,
+and overwritten by its next real token).
+
+Precision: fp32 everywhere, or fp16 for TensorRT (strongly typed): fp16 weights, matmuls and cache,
+with an fp32 residual stream, fp32 LayerNorm, fp32 GELU and fp32 softmax, cast explicitly.
+
+Shape alphabet: B batch, T new tokens, S cache capacity, L attended slots, K logits per row,
+C n_embd, nh heads, hs head size, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from engine import artifact as io
+from engine.config import GPT2Config
+
+FLOAT, FLOAT16, INT64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT64
+# Large negative additive mask: finite so a fully masked row (never produced here) cannot yield NaN.
+MASK_VALUE = -1e30
+
+
+class _Graph:
+    """Accumulates nodes and initializers; `op` names each node by the current scope."""
+
+    def __init__(self, compute_dtype: int):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.scope = ""
+        self.compute = compute_dtype  # dtype of matmul weights, activations and cache
+        self._counts: dict[str, int] = {}
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, name: str | None = None,
+           out: str | None = None, **attrs) -> str | list[str]:
+        """Add a node; `out` names its (single) output when it is a graph output."""
+        base = f"{self.scope}/{name or op_type}"
+        k = self._counts.get(base, 0)
+        self._counts[base] = k + 1
+        node_name = base if k == 0 else f"{base}_{k}"
+        outputs = [out] if out else [f"{node_name}_output_{j}" for j in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=node_name, **attrs))
+        return outputs[0] if n_out == 1 else outputs
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        full = f"{self.scope}/{name}" if self.scope else name
+        self.initializers.append(numpy_helper.from_array(np.asarray(value), full))
+        return full
+
+    def weight(self, key: str, array: np.ndarray, dtype: int) -> str:
+        np_dtype = np.float16 if dtype == FLOAT16 else np.float32
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=np_dtype), key))
+        return key
+
+    def cast(self, x: str, to: int) -> str:
+        return self.op("Cast", [x], to=to)
+
+
+def _linear(g: _Graph, x: str, prefix: str, w: dict[str, np.ndarray]) -> str:
+    """Conv1D: x @ W + b with W stored (in, out), exactly what MatMul consumes."""
+    W = g.weight(f"{prefix}.weight", w[f"{prefix}.weight"], g.compute)
+    b = g.weight(f"{prefix}.bias", w[f"{prefix}.bias"], g.compute)
+    return g.op("Add", [g.op("MatMul", [x, W]), b])
+
+
+def _layer_norm(g: _Graph, x32: str, prefix: str, w: dict[str, np.ndarray], eps: float) -> str:
+    """LayerNorm on the fp32 residual stream (statistics in fp32 in both precisions)."""
+    scale = g.weight(f"{prefix}.weight", w[f"{prefix}.weight"], FLOAT)
+    bias = g.weight(f"{prefix}.bias", w[f"{prefix}.bias"], FLOAT)
+    return g.op("LayerNormalization", [x32, scale, bias], axis=-1, epsilon=eps)
+
+
+def _gelu_tanh(g: _Graph, x: str) -> str:
+    """GPT-2's gelu_new: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in fp32."""
+    x3 = g.op("Mul", [g.op("Mul", [x, x]), x])
+    inner = g.op("Add", [x, g.op("Mul", [x3, g.const("gelu_c", np.float32(0.044715))])])
+    t = g.op("Tanh", [g.op("Mul", [inner, g.const("gelu_s", np.float32(math.sqrt(2.0 / math.pi)))])])
+    one_plus = g.op("Add", [t, g.const("one", np.float32(1.0))])
+    return g.op("Mul", [g.op("Mul", [x, g.const("half", np.float32(0.5))]), one_plus])
+
+
+def _attention(g: _Graph, h: str, i: int, cfg: GPT2Config, w: dict[str, np.ndarray], ctx: dict[str, str]) -> str:
+    C, nh, hs = cfg.n_embd, cfg.n_head, cfg.head_dim
+    p = f"h.{i}.attn"
+    g.scope = f"/{p}/c_attn"
+    qkv = _linear(g, h, f"{p}.c_attn", w)                                          # (B, T, 3C)
+    g.scope = f"/{p}"
+    q, k, v = g.op("Split", [qkv, g.const("split", np.array([C, C, C], np.int64))], n_out=3, axis=-1)
+    heads = g.const("heads_shape", np.array([0, 0, nh, hs], np.int64))
+    q, k, v = (g.op("Transpose", [g.op("Reshape", [t, heads])], perm=[0, 2, 1, 3]) for t in (q, k, v))  # (B, nh, T, hs)
+
+    # In-place cache write at each row's slot; the runtime aliases past and present.
+    past_k, past_v = io.past_key(i), io.past_value(i)
+    present_k = g.op("TensorScatter", [past_k, k, io.CACHE_POSITIONS], name="key_cache/TensorScatter",
+                     out=io.present_key(i), axis=-2)                               # (B, nh, S, hs)
+    present_v = g.op("TensorScatter", [past_v, v, io.CACHE_POSITIONS], name="value_cache/TensorScatter",
+                     out=io.present_value(i), axis=-2)                             # (B, nh, S, hs)
+
+    # Attend over the filled prefix only: slots [0, L) with L = max(cache_positions) + T.
+    axis2 = ctx["axis2"]
+    k_all = g.op("Slice", [present_k, ctx["zero1"], ctx["L1"], axis2])              # (B, nh, L, hs)
+    v_all = g.op("Slice", [present_v, ctx["zero1"], ctx["L1"], axis2])              # (B, nh, L, hs)
+    scores = g.op("MatMul", [q, g.op("Transpose", [k_all], perm=[0, 1, 3, 2])])     # (B, nh, T, L)
+    scores = g.op("Mul", [g.cast(scores, FLOAT) if g.compute != FLOAT else scores,
+                          g.const("scale", np.float32(1.0 / math.sqrt(hs)))])
+    probs = g.op("Softmax", [g.op("Add", [scores, ctx["mask"]])], axis=-1)          # (B, nh, T, L) fp32
+    if g.compute != FLOAT:
+        probs = g.cast(probs, g.compute)
+    y = g.op("Transpose", [g.op("MatMul", [probs, v_all])], perm=[0, 2, 1, 3])      # (B, T, nh, hs)
+    y = g.op("Reshape", [y, g.const("merge_shape", np.array([0, 0, C], np.int64))])  # (B, T, C)
+    g.scope = f"/{p}/c_proj"
+    return _linear(g, y, f"{p}.c_proj", w)                                          # (B, T, C)
+
+
+def _mlp(g: _Graph, h: str, i: int, w: dict[str, np.ndarray]) -> str:
+    p = f"h.{i}.mlp"
+    g.scope = f"/{p}/c_fc"
+    a = _linear(g, h, f"{p}.c_fc", w)                                               # (B, T, 4C)
+    g.scope = f"/{p}/gelu"
+    a = _gelu_tanh(g, g.cast(a, FLOAT) if g.compute != FLOAT else a)
+    if g.compute != FLOAT:
+        a = g.cast(a, g.compute)
+    g.scope = f"/{p}/c_proj"
+    return _linear(g, a, f"{p}.c_proj", w)                                          # (B, T, C)
+
+
+def _to_residual(g: _Graph, x: str) -> str:
+    return g.cast(x, FLOAT) if g.compute != FLOAT else x
+
+
+def _to_compute(g: _Graph, x: str) -> str:
+    return g.cast(x, g.compute) if g.compute != FLOAT else x
+
+
+def _positions_and_mask(g: _Graph) -> dict[str, str]:
+    """Shared per-call values: absolute positions, attended length L and the additive causal mask."""
+    g.scope = "/positions"
+    T1 = g.op("Slice", [g.op("Shape", [io.INPUT_IDS]), g.const("one1", np.array([1], np.int64)),
+                        g.const("two1", np.array([2], np.int64))])                  # (1,) = T
+    T = g.op("Squeeze", [T1])                                                       # () = T
+    steps = g.op("Range", [g.const("zero", np.int64(0)), T, g.const("one", np.int64(1))])  # (T,)
+    positions = g.op("Add", [g.op("Unsqueeze", [io.CACHE_POSITIONS, g.const("axis1", np.array([1], np.int64))]),
+                             g.op("Unsqueeze", [steps, g.const("axis0", np.array([0], np.int64))])])  # (B, T)
+    L1 = g.op("Add", [g.op("ReduceMax", [io.CACHE_POSITIONS], keepdims=1), T1])    # (1,) = L
+    g.scope = "/mask"
+    key_pos = g.op("Range", [g.const("zero", np.int64(0)), g.op("Squeeze", [L1]), g.const("one", np.int64(1))])  # (L,)
+    allowed = g.op("LessOrEqual", [
+        g.op("Unsqueeze", [key_pos, g.const("axes01", np.array([0, 1], np.int64))]),           # (1, 1, L)
+        g.op("Unsqueeze", [positions, g.const("axis2", np.array([2], np.int64))])])            # (B, T, 1) -> (B, T, L)
+    mask = g.op("Where", [allowed, g.const("zero_f", np.float32(0.0)), g.const("neg", np.float32(MASK_VALUE))])
+    mask = g.op("Unsqueeze", [mask, g.const("axis1", np.array([1], np.int64))])    # (B, 1, T, L) fp32
+    g.scope = "/slice_consts"
+    return {"positions": positions, "L1": L1, "mask": mask,
+            "zero1": g.const("zero1", np.array([0], np.int64)), "axis2": g.const("axis2", np.array([2], np.int64))}
+
+
+def build_decoder_graph(cfg: GPT2Config, weights: dict[str, np.ndarray], precision: str = "fp32",
+                        progress: Callable[[int], None] | None = None) -> onnx.ModelProto:
+    """The whole decoder. `weights` uses hub names without the `transformer.` prefix.
+
+    `progress(n)` is called once per block built (for a progress bar).
+    """
+    if precision not in io.PRECISIONS:
+        raise ValueError(f"precision must be one of {io.PRECISIONS}, got {precision!r}")
+    g = _Graph(FLOAT16 if precision == "fp16" else FLOAT)
+    ctx = _positions_and_mask(g)
+
+    # Embeddings: token + learned position, summed into the fp32 residual stream.
+    g.scope = "/embeddings"
+    wte = g.weight("wte.weight", weights["wte.weight"], g.compute)                 # (V, C)
+    wpe = g.weight("wpe.weight", weights["wpe.weight"], g.compute)                 # (n_positions, C)
+    x = g.op("Add", [_to_residual(g, g.op("Gather", [wte, io.INPUT_IDS])),
+                     _to_residual(g, g.op("Gather", [wpe, ctx["positions"]]))])    # (B, T, C) fp32
+
+    for i in range(cfg.n_layer):
+        g.scope = f"/h.{i}/ln_1"
+        h = _to_compute(g, _layer_norm(g, x, f"h.{i}.ln_1", weights, cfg.layer_norm_epsilon))
+        a = _attention(g, h, i, cfg, weights, ctx)
+        g.scope = f"/h.{i}"
+        x = g.op("Add", [x, _to_residual(g, a)], name="attn_residual/Add")         # (B, T, C) fp32
+        g.scope = f"/h.{i}/ln_2"
+        h = _to_compute(g, _layer_norm(g, x, f"h.{i}.ln_2", weights, cfg.layer_norm_epsilon))
+        m = _mlp(g, h, i, weights)
+        g.scope = f"/h.{i}"
+        x = g.op("Add", [x, _to_residual(g, m)], name="mlp_residual/Add")          # (B, T, C) fp32
+        if progress:
+            progress(1)
+
+    # Only the requested positions go through the final norm and the LM head.
+    g.scope = "/logits"
+    idx = g.op("Unsqueeze", [io.LOGITS_INDICES, g.const("last", np.array([-1], np.int64))])  # (B, K, 1)
+    x = g.op("GatherND", [x, idx], batch_dims=1)                                    # (B, K, C)
+    g.scope = "/ln_f"
+    x = _to_compute(g, _layer_norm(g, x, "ln_f", weights, cfg.layer_norm_epsilon))
+    g.scope = "/lm_head"
+    head = "wte.weight"
+    if "lm_head.weight" in weights:  # an untied head (fine-tunes may untie it)
+        head = g.weight("lm_head.weight", weights["lm_head.weight"], g.compute)
+    flat = g.op("Reshape", [x, g.const("flat", np.array([-1, cfg.n_embd], np.int64))])  # (B*K, C)
+    logits = g.op("Gemm", [flat, head], transB=1)                                   # (B*K, V)
+    out_shape = g.op("Concat", [g.op("Shape", [io.LOGITS_INDICES]), g.const("vocab", np.array([cfg.vocab_size], np.int64))], axis=0)
+    logits = g.op("Reshape", [logits, out_shape])                                   # (B, K, V)
+    if g.compute != FLOAT:
+        logits = g.op("Cast", [logits], out=io.LOGITS, to=FLOAT)                     # (B, K, V) fp32
+    else:
+        g.nodes[-1].output[0] = io.LOGITS  # rename the Reshape's output: no extra node in fp32
+
+    spec = io.io_spec(cfg, precision)
+    dtype_of = {"int64": INT64, "float32": FLOAT, "float16": FLOAT16}
+    inputs = [helper.make_tensor_value_info(t["name"], dtype_of[t["dtype"]], t["shape"]) for t in spec["inputs"]]
+    outputs = [helper.make_tensor_value_info(t["name"], dtype_of[t["dtype"]], t["shape"]) for t in spec["outputs"]]
+    graph = helper.make_graph(g.nodes, "gpt2_decoder", inputs, outputs, g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", io.OPSET)],
+                              producer_name="gpt2-engine")
+    model.ir_version = 10  # the newest IR that ONNX Runtime 1.2x and TensorRT 10.x both read
+    return model
