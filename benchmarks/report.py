@@ -1,0 +1,171 @@
+"""Tables and plots generated from benchmark records only (never typed by hand).
+
+``markdown_table`` gives one row per record, failed backends included (with their status and no
+timings); ``make_plots`` draws decode latency vs context position, tokens/s vs batch, and the
+engine-vs-peers bar chart with the physical floor drawn across it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from benchmarks.records import BenchRecord, as_record
+from benchmarks.stats import Percentiles, x_floor
+
+COLUMNS = (
+    "backend", "model", "precision", "batch", "prompt", "new",
+    "TTFT ms p50/p90/p99", "decode ms/token p50/p90/p99", "tok/s p50", "RSS MB", "x floor", "status",
+)
+_EMPTY = "-"
+
+
+def _num(v: float | None) -> str:
+    # 3 significant digits is what run-to-run noise supports; more would be false precision.
+    if v is None:
+        return _EMPTY
+    a = abs(v)
+    return f"{v:.0f}" if a >= 100 else f"{v:.1f}" if a >= 10 else f"{v:.2f}" if a >= 1 else f"{v:.3g}"
+
+
+def _ms_triplet(p: Percentiles | None) -> str:
+    if p is None:
+        return _EMPTY
+    return " / ".join(_num(p[k] * 1e3) for k in ("p50", "p90", "p99"))
+
+
+def floor_multiple(r: BenchRecord) -> float | None:
+    """Decode p50 over the decode floor: the stored ratio if the runner set one, else computed."""
+    if "x_floor" in r.ratios:
+        return r.ratios["x_floor"]
+    if r.decode_per_token is None or not r.floor:
+        return None
+    return x_floor(r.decode_per_token["p50"], r.floor.get("decode_floor_s"))
+
+
+def markdown_table(records: Iterable[BenchRecord | Mapping]) -> str:
+    """A GitHub-markdown table, one row per record, in the given order."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in map(as_record, records):
+        base = [r.backend, r.model, r.precision, str(r.batch), str(r.prompt_len), str(r.new_tokens)]
+        status = r.status.replace("|", "\\|").replace("\n", " ")
+        if r.ok:
+            xf = floor_multiple(r)
+            timings = [
+                _ms_triplet(r.ttft),
+                _ms_triplet(r.decode_per_token),
+                _num(r.tokens_per_s["p50"]) if r.tokens_per_s else _EMPTY,
+                _num(r.peak_rss_mb),
+                f"{xf:.2f}x" if xf is not None else _EMPTY,
+            ]
+        else:
+            # A backend that failed validation was not timed: show why, never numbers.
+            timings = [_EMPTY] * 5
+        lines.append("| " + " | ".join(base + timings + [status]) + " |")
+    return "\n".join(lines)
+
+
+def _plot_decode_vs_position(plt, recs: list[BenchRecord], path: Path) -> Path | None:
+    series = [r for r in recs if r.ok and r.per_position]
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in series:
+        pos, sec = zip(*r.per_position)
+        ax.plot(pos, [s * 1e3 for s in sec], label=f"{r.label} b{r.batch}")
+    ax.set_xlabel("context position (tokens in cache)")
+    ax.set_ylabel("decode step, ms (median)")
+    ax.set_title("Decode latency vs context position")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_tokens_vs_batch(plt, recs: list[BenchRecord], path: Path) -> Path | None:
+    # One line per configuration that differs only in batch.
+    groups: dict[tuple, list[BenchRecord]] = {}
+    for r in recs:
+        if r.ok and r.tokens_per_s:
+            groups.setdefault((r.label, r.prompt_len, r.new_tokens, r.threads), []).append(r)
+    if not groups:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for (label, prompt, new, _), rs in groups.items():
+        rs.sort(key=lambda r: r.batch)
+        ax.plot([r.batch for r in rs], [r.tokens_per_s["p50"] for r in rs], marker="o",
+                label=f"{label} (prompt {prompt}, new {new})")
+    ax.set_xscale("log", base=2)
+    batches = sorted({r.batch for rs in groups.values() for r in rs})
+    ax.set_xticks(batches, [str(b) for b in batches])  # plain batch sizes, not powers of 2 notation
+    ax.minorticks_off()
+    ax.set_xlabel("batch")
+    ax.set_ylabel("tokens/s (p50)")
+    ax.set_title("Throughput vs batch")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_vs_peers(plt, recs: list[BenchRecord], path: Path) -> Path | None:
+    # One panel per (model, batch, prompt) so the bars in a panel are comparable.
+    panels: dict[tuple, list[BenchRecord]] = {}
+    for r in recs:
+        panels.setdefault((r.model, r.batch, r.prompt_len), []).append(r)
+    panels = {k: v for k, v in panels.items() if any(r.ok and r.decode_per_token for r in v)}
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6, 4.5 * len(panels)), 4.5), squeeze=False)
+    for ax, ((model, batch, prompt), rs) in zip(axes[0], panels.items()):
+        labels = [f"{r.backend}\n{r.precision}" for r in rs]
+        p50 = [r.decode_per_token["p50"] * 1e3 if r.ok and r.decode_per_token else 0.0 for r in rs]
+        # Error bar from p50 up to p90: the tail the user feels.
+        up = [(r.decode_per_token["p90"] * 1e3 - v) if r.ok and r.decode_per_token else 0.0
+              for r, v in zip(rs, p50)]
+        x = range(len(rs))
+        ax.bar(x, p50, yerr=[[0] * len(rs), up], capsize=3, color="tab:blue")
+        for i, r in enumerate(rs):
+            if not (r.ok and r.decode_per_token):
+                ax.text(i, 0, r.status.split(":")[0], rotation=90, ha="center", va="bottom", fontsize=8)
+        # The floor depends on bytes per weight, so each precision gets its own line.
+        floors = {}
+        for r in rs:
+            if r.floor and r.floor.get("decode_floor_s"):
+                floors.setdefault(r.precision, r.floor["decode_floor_s"] * 1e3)
+        for (prec, ms), style in zip(sorted(floors.items()), ("--", ":", "-.", (0, (5, 1)))):
+            ax.axhline(ms, color="tab:red", linestyle=style, label=f"floor {prec}: {ms:.3g} ms")
+        ax.set_xticks(list(x), labels, fontsize=8)
+        ax.set_ylabel("decode ms/token (p50, bar to p90)")
+        ax.set_title(f"{model}, batch {batch}, prompt {prompt}")
+        if floors:
+            ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def make_plots(records: Iterable[BenchRecord | Mapping], out_dir: str | Path) -> list[Path]:
+    """Write the PNG plots the records have data for; returns their paths (a plot with no data is skipped)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: works headless, never opens a window
+    import matplotlib.pyplot as plt
+
+    recs = [as_record(r) for r in records]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    made = [
+        _plot_decode_vs_position(plt, recs, out / "decode_vs_position.png"),
+        _plot_tokens_vs_batch(plt, recs, out / "tokens_per_s_vs_batch.png"),
+        _plot_vs_peers(plt, recs, out / "decode_vs_peers.png"),
+    ]
+    return [p for p in made if p is not None]
