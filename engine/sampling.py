@@ -120,7 +120,7 @@ def _candidates(logits: np.ndarray, params: SamplingParams,
     Sparse so that the draw touches C candidates, not the whole vocabulary.
     """
     assert logits.ndim == 1, logits.shape
-    x = _penalize(logits, params.repetition_penalty, context_ids)  # (V,)
+    x = _penalize(np.asarray(logits, dtype=np.float32), params.repetition_penalty, context_ids)  # (V,)
     V = x.shape[0]
 
     if params.is_greedy:
@@ -128,38 +128,39 @@ def _candidates(logits: np.ndarray, params: SamplingParams,
 
     # Top-k before temperature selects the same tokens (dividing by T > 0 keeps the order) and lets
     # the temperature touch only the survivors. Ties with the k-th logit stay, as in HF.
+    ids = None                                                     # None: every token is a candidate
     if 0 < params.top_k < V:
         part = np.argpartition(x, V - params.top_k)[V - params.top_k:]  # (k,) unordered
         kth = x[part].min()
         ids = part if np.count_nonzero(x >= kth) == params.top_k else np.flatnonzero(x >= kth)
-    else:
-        ids = np.arange(V)
+    z = x if ids is None else x[ids]                               # (C,) float32
 
-    z = x[ids].astype(np.float64) / params.temperature            # (C,)
-    p = np.exp(z - z.max())
-    p /= p.sum()
+    # exp in float32 (HF's dtype, and half the cost over a full vocabulary); sums in float64.
+    e = np.exp((z - z.max()) / np.float32(params.temperature))    # (C,) unnormalized
 
     if params.top_p < 1.0:
-        if len(ids) <= 1024:
-            order = np.argsort(-p, kind="stable")
-            n = _nucleus_size(p[order], params.top_p)
-        else:
-            # Full vocabulary (top_k = 0): the nucleus is usually a small head, so look at the m most
-            # likely tokens and widen m until their mass reaches top_p instead of sorting 50257.
-            m = 256
-            while True:
-                if m >= len(p):
-                    order = np.argsort(-p, kind="stable")
-                    n = _nucleus_size(p[order], params.top_p)
-                    break
-                head = np.argpartition(-p, m - 1)[:m]
-                order = head[np.argsort(-p[head], kind="stable")]
-                n = _nucleus_size(p[order], params.top_p)
-                if n < m:
-                    break
-                m *= 4
-        keep = order[:n]
-        ids, p = ids[keep], p[keep] / p[keep].sum()
+        total = e.sum(dtype=np.float64)
+        # The nucleus is usually a small head: sort the m most likely candidates and widen m until
+        # their mass reaches top_p, rather than sorting a whole vocabulary (top_k = 0) every step.
+        m = 256
+        while True:
+            if m >= len(e):
+                order = np.argsort(-e, kind="stable")
+                n = _nucleus_size(e[order] / total, params.top_p)
+                break
+            head = np.argpartition(e, len(e) - m)[len(e) - m:]   # (m,) unordered
+            order = head[np.argsort(-e[head], kind="stable")]
+            n = _nucleus_size(e[order] / total, params.top_p)
+            if n < m:
+                break
+            m *= 4
+        keep = order[:n]                                           # (n,) positions in z
+        ids = keep if ids is None else ids[keep]
+        e = e[keep]
+
+    p = e / e.sum(dtype=np.float64)                                # (C,) float64
+    if ids is None:
+        ids = np.arange(V)
     return ids.astype(np.int64, copy=False), p
 
 
@@ -170,7 +171,7 @@ def logits_to_probs(logits: np.ndarray, params: SamplingParams,
     context_ids: the row's prompt and generated tokens so far (for the repetition penalty).
     Greedy parameters give a one-hot distribution at the (penalized) argmax.
     """
-    ids, p = _candidates(np.asarray(logits), params, context_ids)
+    ids, p = _candidates(logits, params, context_ids)
     probs = np.zeros(logits.shape[-1], dtype=np.float64)           # (V,)
     probs[ids] = p
     return probs

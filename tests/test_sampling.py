@@ -1,0 +1,238 @@
+"""Sampling: parameter validation, the support of top-k / top-p, reproducibility, per-row parameters,
+and parity with Hugging Face's logits processors (exact probabilities and sampled frequencies)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from engine.errors import InputError
+from engine.sampling import SamplingParams, logits_to_probs, make_rng, sample_next
+
+V = 50257  # GPT-2's vocabulary, so the full-width code paths are the ones exercised
+
+
+def gpt2_like_logits(seed: int, scale: float = 3.0, width: int = V) -> np.ndarray:
+    """float32 (width,): a spread like a real LM's, with a clear head and a long tail."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(width) * scale).astype(np.float32)
+
+
+# --- validation ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(top_k=-1), "top_k must be >= 0 (0 disables), got -1"),
+    (dict(top_p=1.5), "top_p must be in (0, 1], got 1.5"),
+    (dict(top_p=0.0), "top_p must be in (0, 1], got 0.0"),
+    (dict(top_p=-0.1), "top_p must be in (0, 1], got -0.1"),
+    (dict(temperature=-0.5), "temperature must be >= 0, got -0.5"),
+    (dict(temperature=float("nan")), "temperature must be finite, got nan"),
+    (dict(max_new_tokens=0), "max_new_tokens must be >= 1, got 0"),
+    (dict(max_new_tokens=-3), "max_new_tokens must be >= 1, got -3"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be > 0, got 0.0"),
+    (dict(repetition_penalty=-1.0), "repetition_penalty must be > 0, got -1.0"),
+    (dict(stop=("ok", "")), "stop strings must be non-empty strings, got ''"),
+    (dict(stop=[3]), "stop strings must be non-empty strings, got 3"),
+    (dict(top_k=2.5), "top_k must be an int, got 2.5"),
+    (dict(max_new_tokens=True), "max_new_tokens must be an int, got True"),
+    (dict(seed=-1), "seed must be >= 0 or None, got -1"),
+])
+def test_bad_parameters_name_the_range(kwargs, message):
+    with pytest.raises(InputError) as e:
+        SamplingParams(**kwargs)
+    assert str(e.value) == message
+    assert isinstance(e.value, ValueError)  # callers that only know ValueError still catch it
+
+
+def test_defaults_and_conversions():
+    p = SamplingParams()
+    assert (p.max_new_tokens, p.temperature, p.top_k, p.top_p, p.repetition_penalty) == (64, 1.0, 40, 1.0, 1.0)
+    assert p.stop == () and p.stop_at_eos and p.seed is None and not p.is_greedy
+    assert SamplingParams(stop=["\n\n", "END"]).stop == ("\n\n", "END")
+    assert SamplingParams(stop="END").stop == ("END",)
+    assert SamplingParams(top_k=1).is_greedy and SamplingParams(temperature=0).is_greedy
+    g = SamplingParams.greedy(max_new_tokens=5)
+    assert g.is_greedy and g.max_new_tokens == 5
+    with pytest.raises(Exception):
+        p.top_k = 3  # frozen: a request's parameters cannot change under it
+
+
+# --- support and determinism -----------------------------------------------------------------------
+
+def draw(logits, params, n, seed=0, context=None):
+    """n single-row draws from one RNG, as a generation loop would make them."""
+    rng = make_rng(seed)
+    ctx = np.array([], dtype=np.int64) if context is None else context
+    return np.array([sample_next(logits[None], [params], [ctx], [rng])[0] for _ in range(n)])
+
+
+def test_top_k_never_draws_outside_the_k_best():
+    logits = gpt2_like_logits(1, scale=0.5)  # flat: many tokens beyond the k best stay likely
+    params = SamplingParams(top_k=10, temperature=2.0)
+    got = draw(logits, params, 3000)
+    best = set(np.argsort(-logits)[:10].tolist())
+    assert set(got.tolist()) <= best
+    assert len(set(got.tolist())) == 10  # ... and uses all of them
+
+
+def test_top_p_never_draws_outside_the_nucleus():
+    # A flat tail under a head of 6 tokens, 0.25 0.2 0.15 0.1 0.1 0.08 of the mass (0.12 in the tail):
+    # top_p = 0.6 needs exactly the first 3 (0.25 + 0.2 = 0.45 < 0.6 <= 0.6), and the 4th carries 10%,
+    # so keeping one too many or one too few shows up within a few hundred draws.
+    head = np.array([0.25, 0.2, 0.15, 0.1, 0.1, 0.08])
+    # the tail is jittered as real logits are: exact ties over the vocabulary make np.argpartition
+    # (introselect) ~20x slower, which would only slow this test down
+    tail = np.random.default_rng(0).uniform(0.9, 1.1, V)
+    probs = tail * 0.12 / tail.sum()
+    head_ids = np.array([9, 50000, 77, 3, 40000, 12345])
+    probs[head_ids] = head
+    logits = np.log(probs).astype(np.float32)
+    got = draw(logits, SamplingParams(top_k=0, top_p=0.6), 1000)
+    assert set(got.tolist()) == set(head_ids[:3].tolist())
+    # the nucleus is not a top-k in disguise: with top_k=5 as well, top-p still cuts at 3
+    got = draw(logits, SamplingParams(top_k=5, top_p=0.6), 1000)
+    assert set(got.tolist()) == set(head_ids[:3].tolist())
+
+
+def test_fixed_seed_reproduces():
+    logits = gpt2_like_logits(3)
+    params = SamplingParams(top_k=40, top_p=0.95, temperature=0.9)
+    a, b = draw(logits, params, 200, seed=1234), draw(logits, params, 200, seed=1234)
+    c = draw(logits, params, 200, seed=4321)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_greedy_is_argmax_after_the_repetition_penalty():
+    logits = gpt2_like_logits(4)
+    top2 = np.argsort(-logits)[:2]
+    assert logits[top2[0]] > 0
+    rng = make_rng(0)
+    state = rng.bit_generator.state
+    got = sample_next(logits[None], [SamplingParams.greedy()], [np.array([], np.int64)], [rng])
+    assert got[0] == top2[0]
+    assert rng.bit_generator.state == state  # greedy consumed no randomness
+    # A strong penalty on the best token hands the argmax to the runner-up (HF do_sample=False + penalty).
+    penalty = float(logits[top2[0]] / logits[top2[1]]) * 1.01
+    ctx = np.array([top2[0]], np.int64)
+    got = sample_next(logits[None], [SamplingParams.greedy(repetition_penalty=penalty)], [ctx], [rng])
+    assert got[0] == top2[1]
+    one_hot = logits_to_probs(logits, SamplingParams.greedy(repetition_penalty=penalty), ctx)
+    assert one_hot[top2[1]] == 1.0 and one_hot.sum() == 1.0
+
+
+def test_per_row_parameters_in_one_batch():
+    logits = np.stack([gpt2_like_logits(5), gpt2_like_logits(6), gpt2_like_logits(7)])  # (3, V)
+    params = [SamplingParams.greedy(), SamplingParams(top_k=3, seed=1), SamplingParams(top_k=0, seed=2)]
+    ctx = [np.array([], np.int64)] * 3
+    rows = {0: set(), 1: set(), 2: set()}
+    rngs = [make_rng(p.seed) for p in params]
+    for _ in range(150):
+        for b, t in enumerate(sample_next(logits, params, ctx, rngs)):
+            rows[b].add(int(t))
+    assert rows[0] == {int(np.argmax(logits[0]))}
+    assert rows[1] <= set(np.argsort(-logits[1])[:3].tolist()) and len(rows[1]) == 3
+    assert len(rows[2]) > 3  # no top-k: draws well outside any small head
+    # A row's draws depend only on its own RNG and parameters, not on its neighbours.
+    alone = [sample_next(logits[1:2], params[1:2], ctx[:1], [make_rng(1)])[0] for _ in range(1)]
+    batched = sample_next(logits, params, ctx, [make_rng(p.seed) for p in params])
+    assert batched[1] == alone[0]
+
+
+# --- parity with Hugging Face's logits processors ---------------------------------------------------
+
+HF_ORDER = ("penalty", "temperature", "top_k", "top_p")  # `generate`'s order
+
+
+def hf_probs(logits: np.ndarray, params: SamplingParams, context: np.ndarray,
+             order: tuple[str, ...] = HF_ORDER) -> np.ndarray:
+    """The oracle: HF's processors, each only when enabled, then softmax. `order` exists so the
+    tests can show that a wrong order would be caught."""
+    torch = pytest.importorskip("torch")
+    lp = pytest.importorskip("transformers.generation.logits_process")
+    enabled = {
+        "penalty": params.repetition_penalty != 1.0
+        and lp.RepetitionPenaltyLogitsProcessor(float(params.repetition_penalty)),
+        "temperature": params.temperature != 1.0 and lp.TemperatureLogitsWarper(float(params.temperature)),
+        "top_k": params.top_k != 0 and lp.TopKLogitsWarper(params.top_k),
+        "top_p": params.top_p < 1.0 and lp.TopPLogitsWarper(float(params.top_p)),
+    }
+    ids = torch.from_numpy(context.astype(np.int64))[None]          # (1, L)
+    scores = torch.from_numpy(logits.copy())[None]                   # (1, V)
+    for name in order:
+        if enabled[name]:
+            scores = enabled[name](ids, scores)
+    return torch.softmax(scores.double(), dim=-1)[0].numpy()        # (V,)
+
+
+def penalty_context(logits: np.ndarray) -> np.ndarray:
+    """Context ids that make the penalty matter: some of the best tokens, one negative logit, repeats."""
+    order = np.argsort(-logits)
+    return np.array([order[0], order[3], order[3], order[7], order[12], order[-1], 17, 17], np.int64)
+
+
+PARITY_CASES = [
+    SamplingParams(),                                                             # GPT-2 default: k=40
+    SamplingParams(repetition_penalty=1.3, temperature=0.7, top_k=40, top_p=0.9),
+    SamplingParams(repetition_penalty=0.8, temperature=1.5, top_k=0, top_p=0.8),  # full-vocab nucleus
+    SamplingParams(temperature=1.2, top_k=0, top_p=1.0),                          # plain softmax
+    SamplingParams(temperature=0.5, top_k=5),
+    SamplingParams(repetition_penalty=2.0, top_k=100, top_p=0.6),
+]
+
+
+@pytest.mark.parametrize("params", PARITY_CASES, ids=lambda p: f"rp{p.repetition_penalty}-t{p.temperature}"
+                         f"-k{p.top_k}-p{p.top_p}")
+def test_probabilities_match_hf_processors(params):
+    for seed in (10, 11):
+        logits = gpt2_like_logits(seed)
+        ctx = penalty_context(logits)
+        want = hf_probs(logits, params, ctx)
+        got = logits_to_probs(logits, params, ctx)
+        assert np.array_equal(got > 0, want > 0), "different support"
+        assert np.abs(got - want).max() < 1e-6
+        assert abs(got.sum() - 1) < 1e-12
+
+
+def chi2_quantile(df: int, z: float) -> float:
+    """Upper quantile of chi-square(df) at standard-normal score z (Wilson-Hilferty; no scipy here)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_sampled_frequencies_match_hf_processors():
+    """N draws through `sample_next` against HF's probabilities: total variation and chi-square.
+
+    Noise at N = 20000: E|f_i - p_i| ~ sqrt(2 p_i (1 - p_i) / (pi N)), so E[TV] ~ 0.5 * sum_i of that,
+    0.013 here (22 categories); TV's spread is a fraction of that. TV < 0.05 (asserted to be > 3 noise
+    floors out) catches gross errors. The sensitive check is Pearson's X^2 = N sum (f - p)^2 / p,
+    chi-square with K - 1 degrees of freedom when the sampler is right: it must stay under the quantile
+    at z = 5.2 (a false alarm once in ~10^7 runs). A wrong processor order shifts X^2 by about
+    N sum (q - p)^2 / p, or puts mass outside HF's support; either is asserted to be far past what
+    the checks allow, so the test can fail.
+    """
+    N, tv_bound = 20_000, 0.05
+    logits = gpt2_like_logits(20, scale=1.5, width=2048)  # narrow: 20000 draws in ~1 s
+    ctx = penalty_context(logits)
+    params = SamplingParams(repetition_penalty=1.3, temperature=0.8, top_k=40, top_p=0.7)
+    want = hf_probs(logits, params, ctx)
+    support = np.flatnonzero(want)
+    p = want[support]
+    expected_tv = 0.5 * np.sum(np.sqrt(2 * p * (1 - p) / (math.pi * N)))
+    assert 3 * expected_tv < tv_bound, expected_tv
+    x2_bound = chi2_quantile(len(support) - 1, 5.2)
+
+    for wrong_order in [("penalty", "top_k", "top_p", "temperature"),   # temperature last
+                        ("penalty", "temperature", "top_p", "top_k"),   # top-p before top-k
+                        ("temperature", "top_k", "top_p", "penalty")]:  # penalty after the cut
+        q = hf_probs(logits, params, ctx, order=wrong_order)
+        shift = N * np.sum((q[support] - p) ** 2 / p)
+        # ... or it moves enough mass off HF's support that dozens of draws would land outside it
+        assert shift > 3 * x2_bound or N * q[want == 0].sum() > 50, wrong_order
+
+    got = draw(logits, params, N, seed=7, context=ctx)
+    assert set(np.unique(got).tolist()) <= set(support.tolist())
+    freq = np.bincount(got, minlength=len(want))[support] / N
+    tv = 0.5 * np.abs(freq - p).sum()
+    x2 = N * np.sum((freq - p) ** 2 / p)
+    assert tv < tv_bound, (tv, expected_tv)
+    assert x2 < x2_bound, (x2, x2_bound)
