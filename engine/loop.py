@@ -1,0 +1,132 @@
+"""The autoregressive loop, shared by every backend: prefill, then one token per step.
+
+Batching: rows are right-padded to the longest prompt; each row's cache slot is its own position, so
+rows of different lengths share one forward call. A finished row keeps its slot (it is re-fed its
+last token, whose logits nobody reads) until the whole batch is done.
+
+`run_loop` is a generator that yields after every step, so `generate` (drain it) and `stream` (yield
+text as it comes) are the same code.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.backends.base import Backend
+from engine.detokenize import StreamDetokenizer
+from engine.sampling import SamplingParams, make_rng, sample_next
+
+
+@dataclass
+class RowState:
+    """One prompt's progress through the loop."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    detok: StreamDetokenizer
+    rng: np.random.Generator
+    generated: list[int] = field(default_factory=list)
+    text: str = ""             # detokenized generated text (complete characters only, until the end)
+    emitted: int = 0           # chars of `text` already handed to a stream consumer
+    finish_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class LoopTimings:
+    prefill_s: float = 0.0               # the prefill forward + the first token's sampling (TTFT)
+    decode_step_s: list[float] = field(default_factory=list)   # one entry per decode step
+
+    @property
+    def decode_s(self) -> float:
+        return float(sum(self.decode_step_s))
+
+
+def prefill(backend: Backend, cache, rows: list[RowState], pad_id: int) -> np.ndarray:
+    """Run every prompt through the model at once; return each row's last-position logits (B, V)."""
+    lengths = np.array([len(r.prompt_ids) for r in rows], np.int64)          # (B,)
+    T = int(lengths.max())
+    ids = np.full((len(rows), T), pad_id, np.int64)                          # (B, T) right-padded
+    for b, r in enumerate(rows):
+        ids[b, :lengths[b]] = r.prompt_ids
+    start = np.zeros(len(rows), np.int64)                                    # (B,) empty cache
+    logits = backend.forward(cache, ids, start, (lengths - 1)[:, None])      # (B, 1, V)
+    return logits[:, 0]                                                      # (B, V)
+
+
+def decode_step(backend: Backend, cache, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Feed one token per row at its slot; return the next logits (B, V)."""
+    zero = np.zeros((len(tokens), 1), np.int64)                              # (B, 1): the only new token
+    return backend.forward(cache, tokens[:, None], positions, zero)[:, 0]    # (B, V)
+
+
+def _stop_hit(row: RowState) -> bool:
+    """Cut the text at the first stop string (excluded from the output, as OpenAI and vLLM do)."""
+    for s in row.params.stop:
+        at = row.text.find(s)
+        if at >= 0:
+            row.text = row.text[:at]
+            return True
+    return False
+
+
+def _advance(row: RowState, token: int, eos_id: int, position: int, capacity: int) -> None:
+    """Record a sampled token and decide whether the row is finished."""
+    if row.params.stop_at_eos and token == eos_id:
+        row.finish_reason = "eos"
+        row.text += row.detok.flush()
+        return
+    row.generated.append(token)
+    row.text += row.detok.push(token)
+    if _stop_hit(row):
+        row.finish_reason = "stop"
+    elif len(row.generated) >= row.params.max_new_tokens:
+        row.finish_reason = "length"
+    elif position + 1 >= capacity:  # the next token would have no slot: the context is full
+        row.finish_reason = "context"
+    if row.done and row.finish_reason != "stop":
+        row.text += row.detok.flush()
+        if _stop_hit(row):
+            row.finish_reason = "stop"
+
+
+def run_loop(backend: Backend, rows: list[RowState], capacity: int, eos_id: int, timings: LoopTimings):
+    """Prefill then decode until every row is done; yields after each step."""
+    cache = backend.new_cache(len(rows), capacity)
+    positions = np.array([len(r.prompt_ids) for r in rows], np.int64)       # (B,) slot of the next token
+    t0 = time.perf_counter()
+    logits = prefill(backend, cache, rows, pad_id=eos_id)
+    tokens = _sample(logits, rows)
+    for b, r in enumerate(rows):
+        _advance(r, int(tokens[b]), eos_id, int(positions[b]), capacity)
+    timings.prefill_s = time.perf_counter() - t0
+    yield
+    while not all(r.done for r in rows):
+        t0 = time.perf_counter()
+        # Finished rows re-feed their last slot; their logits are ignored.
+        feed_pos = np.array([p if not r.done else min(p, capacity - 1) for p, r in zip(positions, rows)], np.int64)
+        logits = decode_step(backend, cache, tokens.astype(np.int64), feed_pos)
+        for b, r in enumerate(rows):
+            if not r.done:
+                positions[b] += 1
+        tokens = np.where([r.done for r in rows], tokens, _sample(logits, rows))
+        for b, r in enumerate(rows):
+            if not r.done:
+                _advance(r, int(tokens[b]), eos_id, int(positions[b]), capacity)
+        timings.decode_step_s.append(time.perf_counter() - t0)
+        yield
+
+
+def _sample(logits: np.ndarray, rows: list[RowState]) -> np.ndarray:
+    contexts = [np.asarray(r.prompt_ids + r.generated, np.int64) for r in rows]
+    return sample_next(logits, [r.params for r in rows], contexts, [r.rng for r in rows])
+
+
+def new_row(prompt_ids: list[int], params: SamplingParams, tokenizer) -> RowState:
+    return RowState(list(prompt_ids), params, StreamDetokenizer(tokenizer), make_rng(params.seed))
