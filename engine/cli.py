@@ -90,5 +90,70 @@ def inspect(directory, as_json):
 
 main.add_command(inspect, name="info")
 
+
+@main.command()
+@click.argument("model")
+@click.argument("prompt", required=False)
+@click.option("--max-new-tokens", "-n", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=40, show_default=True, help="0 disables top-k.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
+@click.option("--greedy", is_flag=True, help="Greedy decoding (same as --temperature 0).")
+@click.option("--seed", type=int, default=None, help="Sampling seed (reproducible output).")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--stream", is_flag=True, help="Print text as it is generated.")
+@click.option("--batch-file", type=click.File("r"), default=None,
+              help="One prompt per line, generated as one batch (- for stdin).")
+@click.option("--truncate", type=click.Choice(["error", "left"]), default="error", show_default=True,
+              help="What to do with a prompt that does not fit the context.")
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU threads (default: ONNX Runtime's choice).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="When MODEL is a name: the precision to export it in.")
+@click.option("--init", type=click.Choice(["random"]), default=None,
+              help="When MODEL is a size name: random weights (no download).")
+@click.option("--timings", is_flag=True, help="Print load / prefill / decode timings to stderr.")
+@_friendly
+def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy, seed, stop,
+             stream, batch_file, truncate, backend, device, threads, precision, init, timings):
+    """Generate text from PROMPT with MODEL: a model directory, or a name exported on first use into
+    ~/.cache/gpt2-engine (override with GPT2_ENGINE_CACHE)."""
+    from engine.errors import InputError
+    from engine.generator import Generator, resolve_model_dir
+    from engine.sampling import SamplingParams
+
+    if (prompt is None) == (batch_file is None):
+        raise InputError("give either a PROMPT or --batch-file (not both)")
+    if batch_file is not None and stream:
+        raise InputError("--stream takes a single PROMPT, not --batch-file")
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
+                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
+                            stop=tuple(stop))
+    prompts = [prompt] if prompt is not None else [line.rstrip("\n") for line in batch_file if line.strip()]
+    if not prompts:
+        raise InputError("--batch-file holds no prompts (one per line)")
+    directory = resolve_model_dir(model, precision=precision, init=init)
+    with Generator.from_pretrained(directory, backend=backend, device=device, threads=threads) as gen:
+        if gen.artifact.is_random:
+            click.echo(f"[{gen.artifact.label}]", err=True)
+        if stream:
+            click.echo(prompt, nl=False)
+            for delta in gen.stream(prompt, params, truncate=truncate):
+                click.echo(delta, nl=False)
+            click.echo()
+            return
+        outs = gen.generate(prompts, params, truncate=truncate)
+        for p, out in zip(prompts, outs):
+            click.echo(p + out.text)
+            if len(prompts) > 1:
+                click.echo("---")
+        if timings:
+            t = outs[0].timings
+            click.echo(f"load {gen.load_s * 1e3:.0f} ms | prefill {t.prefill_s * 1e3:.1f} ms | decode "
+                       f"{t.decode_per_token_s * 1e3:.1f} ms/token over {t.decode_steps} steps | batch {len(prompts)} | "
+                       f"finish {', '.join(o.finish_reason for o in outs)}", err=True)
+
 if __name__ == "__main__":
     main()
