@@ -134,9 +134,11 @@ def test_per_row_parameters_in_one_batch():
     assert rows[1] <= set(np.argsort(-logits[1])[:3].tolist()) and len(rows[1]) == 3
     assert len(rows[2]) > 3  # no top-k: draws well outside any small head
     # A row's draws depend only on its own RNG and parameters, not on its neighbours.
-    alone = [sample_next(logits[1:2], params[1:2], ctx[:1], [make_rng(1)])[0] for _ in range(1)]
-    batched = sample_next(logits, params, ctx, [make_rng(p.seed) for p in params])
-    assert batched[1] == alone[0]
+    rng = make_rng(1)
+    alone = [sample_next(logits[1:2], params[1:2], ctx[:1], [rng])[0] for _ in range(20)]
+    rngs = [make_rng(p.seed) for p in params]
+    batched = [sample_next(logits, params, ctx, rngs)[1] for _ in range(20)]
+    assert batched == alone and len(set(alone)) > 1
 
 
 # --- parity with Hugging Face's logits processors ---------------------------------------------------
@@ -184,8 +186,9 @@ PARITY_CASES = [
 @pytest.mark.parametrize("params", PARITY_CASES, ids=lambda p: f"rp{p.repetition_penalty}-t{p.temperature}"
                          f"-k{p.top_k}-p{p.top_p}")
 def test_probabilities_match_hf_processors(params):
-    for seed in (10, 11):
-        logits = gpt2_like_logits(seed)
+    # GPT-2's real logits are mostly negative (around -100 for gpt2): the penalty must multiply those
+    for seed, offset in ((10, 0.0), (11, -15.0)):
+        logits = gpt2_like_logits(seed) + np.float32(offset)
         ctx = penalty_context(logits)
         want = hf_probs(logits, params, ctx)
         got = logits_to_probs(logits, params, ctx)
