@@ -44,12 +44,16 @@ def main() -> None:
               help="Random weights of the named size instead of a checkpoint (no download).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --init random.")
 @click.option("--init-range", type=float, default=0.02, show_default=True, help="Std of random weights.")
+@click.option("--attention", type=click.Choice(["fused", "ops"]), default=None,
+              help="Attention as one ONNX Attention node (default for fp32/ONNX Runtime) or elementary ops "
+                   "(default for fp16/TensorRT).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @_friendly
-def export(model, out, precision, init, seed, init_range, force):
+def export(model, out, precision, init, seed, init_range, attention, force):
     """Export MODEL (a HF checkpoint directory or a name: gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2)."""
     from export.exporter import export_model
-    path = export_model(model, out, precision=precision, init=init, seed=seed, init_range=init_range, force=force)
+    path = export_model(model, out, precision=precision, init=init, seed=seed, init_range=init_range, force=force,
+                        attention=attention)
     click.echo(f"exported {model} ({precision}) to {path}")
     _print_info(path)
 
@@ -63,7 +67,8 @@ def _print_info(path: Path) -> None:
     click.echo(f"  weights:    {art.label}")
     click.echo(f"  config:     {cfg.n_layer} layers, {cfg.n_embd} wide, {cfg.n_head} heads, "
                f"vocab {cfg.vocab_size}, context {cfg.n_positions}  # {cfg.n_params() / 1e6:.0f}M params")
-    click.echo(f"  precision:  {m['precision']}, opset {m['opset']}, format v{m['format_version']}")
+    click.echo(f"  precision:  {m['precision']}, opset {m['opset']}, attention {m.get('attention')}, "
+               f"format v{m['format_version']}")
     click.echo(f"  cache:      {m['cache']['layout']} {m['cache']['dtype']}, capacity <= {m['cache']['max_capacity']}")
     click.echo(f"  inputs:     {', '.join(t['name'] for t in m['io']['inputs'][:3])}, + {len(m['io']['inputs']) - 3} cache")
     for name, size in files.items():

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from engine import artifact as io
 from engine.errors import CheckpointError, EngineError
 from export.checkpoint import Checkpoint, random_checkpoint, resolve_checkpoint, sha256_file
-from export.graph import build_decoder_graph
+from export.graph import ATTENTION_VARIANTS, build_decoder_graph, default_attention
 from export.tokenizer import tokenizer_for_checkpoint
 
 # Protobuf cannot hold more than 2 GB: past this the weights go to model.onnx.data.
@@ -60,12 +60,16 @@ def _save_onnx(model: onnx.ModelProto, tmp: Path) -> str | None:
 
 
 def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str | None = None, seed: int = 0,
-                 init_range: float = 0.02, force: bool = False, show_progress: bool = True) -> Path:
+                 init_range: float = 0.02, force: bool = False, show_progress: bool = True,
+                 attention: str | None = None) -> Path:
     """Export `spec` (directory or model name; with init='random' a size name) into the directory `out`."""
     if precision not in io.PRECISIONS:
         raise EngineError(f"--precision must be one of {', '.join(io.PRECISIONS)}, got {precision!r}")
     if init not in (None, "random"):
         raise EngineError(f"--init must be 'random' (or omitted for real weights), got {init!r}")
+    attention = attention or default_attention(precision)
+    if attention not in ATTENTION_VARIANTS:
+        raise EngineError(f"--attention must be one of {', '.join(ATTENTION_VARIANTS)}, got {attention!r}")
     out = Path(out)
     tmp = _prepare_out(out, force)
     t0 = time.perf_counter()
@@ -76,7 +80,7 @@ def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str 
             cfg = ckpt.config
             bar.update(1)
             with tqdm(total=cfg.n_layer, desc="  graph", unit="layer", disable=not show_progress, leave=False) as layers:
-                model = build_decoder_graph(cfg, ckpt.weights, precision, progress=layers.update)
+                model = build_decoder_graph(cfg, ckpt.weights, precision, attention, progress=layers.update)
             del ckpt.weights  # the graph holds its own copy; keep peak memory at ~2x the weights
             bar.update(1)
             bar.set_postfix_str("writing model.onnx")
@@ -93,6 +97,7 @@ def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str 
                 "config": cfg.to_dict(),
                 "precision": precision,
                 "opset": io.OPSET,
+                "attention": attention,
                 "model_file": io.MODEL_FILE,
                 "external_data_file": external,
                 "onnx_sha256": {f: sha256_file(tmp / f) for f in files},

@@ -110,7 +110,22 @@ def _attention(g: _Graph, h: str, i: int, cfg: GPT2Config, w: dict[str, np.ndarr
     present_v = g.op("TensorScatter", [past_v, v, io.CACHE_POSITIONS], name="value_cache/TensorScatter",
                      out=io.present_value(i), axis=-2)                             # (B, nh, S, hs)
 
-    # Attend over the filled prefix only: slots [0, L) with L = max(cache_positions) + T.
+    if ctx["variant"] == "fused":
+        # ONNX Attention reads the whole cache in place: nonpad_kv_seqlen = cache_positions + T bounds
+        # each row's keys, and is_causal's bottom-right alignment (offset = nonpad - T = the row's
+        # position) is exactly our causal mask. No slice copy, no mask tensor.
+        y = g.op("Attention", [q, present_k, present_v, "", "", "", ctx["kv_len"]], is_causal=1)  # (B, nh, T, hs)
+        y = g.op("Transpose", [y], perm=[0, 2, 1, 3])                              # (B, T, nh, hs)
+    else:
+        y = _attention_ops(g, q, present_k, present_v, hs, ctx)                     # (B, T, nh, hs)
+    y = g.op("Reshape", [y, g.const("merge_shape", np.array([0, 0, C], np.int64))])  # (B, T, C)
+    g.scope = f"/{p}/c_proj"
+    return _linear(g, y, f"{p}.c_proj", w)                                          # (B, T, C)
+
+
+def _attention_ops(g: _Graph, q: str, present_k: str, present_v: str, hs: int, ctx: dict[str, str]) -> str:
+    """Attention from elementary ops, for parsers without ONNX Attention (TensorRT): read only the
+    filled prefix of the cache (slots < L = max(cache_positions) + T) under an additive causal mask."""
     axis2 = ctx["axis2"]
     k_all = g.op("Slice", [present_k, ctx["zero1"], ctx["L1"], axis2])              # (B, nh, L, hs)
     v_all = g.op("Slice", [present_v, ctx["zero1"], ctx["L1"], axis2])              # (B, nh, L, hs)
@@ -120,10 +135,7 @@ def _attention(g: _Graph, h: str, i: int, cfg: GPT2Config, w: dict[str, np.ndarr
     probs = g.op("Softmax", [g.op("Add", [scores, ctx["mask"]])], axis=-1)          # (B, nh, T, L) fp32
     if g.compute != FLOAT:
         probs = g.cast(probs, g.compute)
-    y = g.op("Transpose", [g.op("MatMul", [probs, v_all])], perm=[0, 2, 1, 3])      # (B, T, nh, hs)
-    y = g.op("Reshape", [y, g.const("merge_shape", np.array([0, 0, C], np.int64))])  # (B, T, C)
-    g.scope = f"/{p}/c_proj"
-    return _linear(g, y, f"{p}.c_proj", w)                                          # (B, T, C)
+    return g.op("Transpose", [g.op("MatMul", [probs, v_all])], perm=[0, 2, 1, 3])   # (B, T, nh, hs)
 
 
 def _mlp(g: _Graph, h: str, i: int, w: dict[str, np.ndarray]) -> str:
@@ -146,8 +158,9 @@ def _to_compute(g: _Graph, x: str) -> str:
     return g.cast(x, g.compute) if g.compute != FLOAT else x
 
 
-def _positions_and_mask(g: _Graph) -> dict[str, str]:
-    """Shared per-call values: absolute positions, attended length L and the additive causal mask."""
+def _positions_and_mask(g: _Graph, attention: str) -> dict[str, str]:
+    """Shared per-call values: absolute positions, each row's key count and (for the elementary-ops
+    attention) the attended length L and the additive causal mask."""
     g.scope = "/positions"
     T1 = g.op("Slice", [g.op("Shape", [io.INPUT_IDS]), g.const("one1", np.array([1], np.int64)),
                         g.const("two1", np.array([2], np.int64))])                  # (1,) = T
@@ -155,6 +168,9 @@ def _positions_and_mask(g: _Graph) -> dict[str, str]:
     steps = g.op("Range", [g.const("zero", np.int64(0)), T, g.const("one", np.int64(1))])  # (T,)
     positions = g.op("Add", [g.op("Unsqueeze", [io.CACHE_POSITIONS, g.const("axis1", np.array([1], np.int64))]),
                              g.op("Unsqueeze", [steps, g.const("axis0", np.array([0], np.int64))])])  # (B, T)
+    if attention == "fused":
+        return {"variant": "fused", "positions": positions,
+                "kv_len": g.op("Add", [io.CACHE_POSITIONS, T1])}                    # (B,) keys per row
     L1 = g.op("Add", [g.op("ReduceMax", [io.CACHE_POSITIONS], keepdims=1), T1])    # (1,) = L
     g.scope = "/mask"
     key_pos = g.op("Range", [g.const("zero", np.int64(0)), g.op("Squeeze", [L1]), g.const("one", np.int64(1))])  # (L,)
@@ -164,20 +180,34 @@ def _positions_and_mask(g: _Graph) -> dict[str, str]:
     mask = g.op("Where", [allowed, g.const("zero_f", np.float32(0.0)), g.const("neg", np.float32(MASK_VALUE))])
     mask = g.op("Unsqueeze", [mask, g.const("axis1", np.array([1], np.int64))])    # (B, 1, T, L) fp32
     g.scope = "/slice_consts"
-    return {"positions": positions, "L1": L1, "mask": mask,
+    return {"variant": "ops", "positions": positions, "L1": L1, "mask": mask,
             "zero1": g.const("zero1", np.array([0], np.int64)), "axis2": g.const("axis2", np.array([2], np.int64))}
 
 
+ATTENTION_VARIANTS = ("fused", "ops")
+
+
+def default_attention(precision: str) -> str:
+    """ONNX Attention for ONNX Runtime (measured faster and flat in position on CPU); elementary ops
+    for the fp16 graph that TensorRT parses (its ONNX Attention support is narrower)."""
+    return "ops" if precision == "fp16" else "fused"
+
+
 def build_decoder_graph(cfg: GPT2Config, weights: dict[str, np.ndarray], precision: str = "fp32",
+                        attention: str | None = None,
                         progress: Callable[[int], None] | None = None) -> onnx.ModelProto:
     """The whole decoder. `weights` uses hub names without the `transformer.` prefix.
 
+    attention: "fused" (one ONNX Attention node per layer) or "ops" (MatMul/Softmax); default by precision.
     `progress(n)` is called once per block built (for a progress bar).
     """
     if precision not in io.PRECISIONS:
         raise ValueError(f"precision must be one of {io.PRECISIONS}, got {precision!r}")
+    attention = attention or default_attention(precision)
+    if attention not in ATTENTION_VARIANTS:
+        raise ValueError(f"attention must be one of {ATTENTION_VARIANTS}, got {attention!r}")
     g = _Graph(FLOAT16 if precision == "fp16" else FLOAT)
-    ctx = _positions_and_mask(g)
+    ctx = _positions_and_mask(g, attention)
 
     # Embeddings: token + learned position, summed into the fp32 residual stream.
     g.scope = "/embeddings"
