@@ -20,7 +20,8 @@ TOKENIZER_FILE = "tokenizer.json"
 ENGINES_DIR = "engines"
 # One opset for every graph family: 24 brings TensorScatter (in-place cache write).
 OPSET = 24
-PRECISIONS = ("fp32", "fp16")
+# fp32: the CPU default; fp16: for TensorRT/GPUs; int8: CPU, weight-only int8 matmuls (MatMulNBits).
+PRECISIONS = ("fp32", "fp16", "int8")
 
 # Graph inputs/outputs, declared once. Shapes use the symbolic dims below.
 #   batch: rows; seq: new tokens this call; n_logits: positions per row that get logits;

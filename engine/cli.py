@@ -38,8 +38,8 @@ def main() -> None:
 @main.command()
 @click.argument("model")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Model directory to create.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="fp32 for ONNX Runtime CPU; fp16 for TensorRT / GPUs.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="fp32 for ONNX Runtime CPU; fp16 for TensorRT / GPUs; int8: weight-only int8 matmuls (CPU).")
 @click.option("--init", type=click.Choice(["random"]), default=None,
               help="Random weights of the named size instead of a checkpoint (no download).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --init random.")
@@ -115,7 +115,7 @@ main.add_command(inspect, name="info")
 @click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads (default: ONNX Runtime's choice).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
               help="When MODEL is a name: the precision to export it in.")
 @click.option("--init", type=click.Choice(["random"]), default=None,
               help="When MODEL is a size name: random weights (no download).")

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from engine import artifact as io
 from engine.errors import CheckpointError, EngineError
 from export.checkpoint import Checkpoint, random_checkpoint, resolve_checkpoint, sha256_file
+from export.quantize import quantize_weights_int8
 from export.graph import ATTENTION_VARIANTS, build_decoder_graph, default_attention
 from export.tokenizer import tokenizer_for_checkpoint
 
@@ -82,6 +83,9 @@ def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str 
             with tqdm(total=cfg.n_layer, desc="  graph", unit="layer", disable=not show_progress, leave=False) as layers:
                 model = build_decoder_graph(cfg, ckpt.weights, precision, attention, progress=layers.update)
             del ckpt.weights  # the graph holds its own copy; keep peak memory at ~2x the weights
+            if precision == "int8":
+                bar.set_postfix_str("quantizing weights to int8")
+                model = quantize_weights_int8(model)
             bar.update(1)
             bar.set_postfix_str("writing model.onnx")
             external = _save_onnx(model, tmp)

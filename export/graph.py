@@ -237,11 +237,16 @@ def build_decoder_graph(cfg: GPT2Config, weights: dict[str, np.ndarray], precisi
     g.scope = "/ln_f"
     x = _to_compute(g, _layer_norm(g, x, "ln_f", weights, cfg.layer_norm_epsilon))
     g.scope = "/lm_head"
-    head = "wte.weight"
-    if "lm_head.weight" in weights:  # an untied head (fine-tunes may untie it)
-        head = g.weight("lm_head.weight", weights["lm_head.weight"], g.compute)
+    head_key = "lm_head.weight" if "lm_head.weight" in weights else "wte.weight"  # fine-tunes may untie it
     flat = g.op("Reshape", [x, g.const("flat", np.array([-1, cfg.n_embd], np.int64))])  # (B*K, C)
-    logits = g.op("Gemm", [flat, head], transB=1)                                   # (B*K, V)
+    if precision == "int8":
+        # A (C, V) copy as a MatMul, so the weight-only quantizer turns the head (a third of the bytes
+        # a decode step reads) into int8 too; the embedding Gather keeps fp32 wte.
+        head = g.weight(f"{head_key}.T", weights[head_key].T, g.compute)
+        logits = g.op("MatMul", [flat, head])                                       # (B*K, V)
+    else:
+        head = head_key if head_key == "wte.weight" else g.weight(head_key, weights[head_key], g.compute)
+        logits = g.op("Gemm", [flat, head], transB=1)                               # (B*K, V)
     out_shape = g.op("Concat", [g.op("Shape", [io.LOGITS_INDICES]), g.const("vocab", np.array([cfg.vocab_size], np.int64))], axis=0)
     logits = g.op("Reshape", [logits, out_shape])                                   # (B, K, V)
     if g.compute != FLOAT:
