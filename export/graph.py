@@ -6,10 +6,11 @@ so an error from ONNX Runtime or TensorRT points at the line that made the node.
 
 KV cache: each layer's past key/value is a fixed-capacity buffer (B, nh, S, hs). `TensorScatter`
 (opset 24) writes this call's keys/values at each row's slot `cache_positions[b]`; the runtime binds
-past and present to one buffer so the write happens in place. Attention then reads only the filled
-prefix of the cache (slots < max(cache_positions) + T), with a causal mask by absolute position, so
-rows of a batch may hold different lengths (right padding: a row's padded tail is written but masked,
-and overwritten by its next real token).
+past and present to one buffer so the write happens in place. Attention masks by absolute position
+(key slot <= query position), so rows of a batch may hold different lengths (right padding: a row's
+padded tail is written but masked, and overwritten by its next real token). Two forms: ONNX
+`Attention` bounded per row by `nonpad_kv_seqlen` (ONNX Runtime), or elementary ops over the whole
+capacity (TensorRT, which needs shapes that do not depend on input values).
 
 Precision: fp32 everywhere, or fp16 for TensorRT (strongly typed): fp16 weights, matmuls and cache,
 with an fp32 residual stream, fp32 LayerNorm, fp32 GELU and fp32 softmax, cast explicitly.
@@ -124,18 +125,16 @@ def _attention(g: _Graph, h: str, i: int, cfg: GPT2Config, w: dict[str, np.ndarr
 
 
 def _attention_ops(g: _Graph, q: str, present_k: str, present_v: str, hs: int, ctx: dict[str, str]) -> str:
-    """Attention from elementary ops, for parsers without ONNX Attention (TensorRT): read only the
-    filled prefix of the cache (slots < L = max(cache_positions) + T) under an additive causal mask."""
-    axis2 = ctx["axis2"]
-    k_all = g.op("Slice", [present_k, ctx["zero1"], ctx["L1"], axis2])              # (B, nh, L, hs)
-    v_all = g.op("Slice", [present_v, ctx["zero1"], ctx["L1"], axis2])              # (B, nh, L, hs)
-    scores = g.op("MatMul", [q, g.op("Transpose", [k_all], perm=[0, 1, 3, 2])])     # (B, nh, T, L)
+    """Attention from elementary ops, for parsers without ONNX Attention over a cache (TensorRT): every
+    slot of the fixed-capacity cache under an additive causal mask. Attended length = the cache's
+    static capacity, never a value computed from an input, which TensorRT would need as a shape tensor."""
+    scores = g.op("MatMul", [q, g.op("Transpose", [present_k], perm=[0, 1, 3, 2])])  # (B, nh, T, S)
     scores = g.op("Mul", [g.cast(scores, FLOAT) if g.compute != FLOAT else scores,
                           g.const("scale", np.float32(1.0 / math.sqrt(hs)))])
-    probs = g.op("Softmax", [g.op("Add", [scores, ctx["mask"]])], axis=-1)          # (B, nh, T, L) fp32
+    probs = g.op("Softmax", [g.op("Add", [scores, ctx["mask"]])], axis=-1)          # (B, nh, T, S) fp32
     if g.compute != FLOAT:
         probs = g.cast(probs, g.compute)
-    return g.op("Transpose", [g.op("MatMul", [probs, v_all])], perm=[0, 2, 1, 3])   # (B, T, nh, hs)
+    return g.op("Transpose", [g.op("MatMul", [probs, present_v])], perm=[0, 2, 1, 3])  # (B, T, nh, hs)
 
 
 def _mlp(g: _Graph, h: str, i: int, w: dict[str, np.ndarray]) -> str:
@@ -171,17 +170,15 @@ def _positions_and_mask(g: _Graph, attention: str) -> dict[str, str]:
     if attention == "fused":
         return {"variant": "fused", "positions": positions,
                 "kv_len": g.op("Add", [io.CACHE_POSITIONS, T1])}                    # (B,) keys per row
-    L1 = g.op("Add", [g.op("ReduceMax", [io.CACHE_POSITIONS], keepdims=1), T1])    # (1,) = L
     g.scope = "/mask"
-    key_pos = g.op("Range", [g.const("zero", np.int64(0)), g.op("Squeeze", [L1]), g.const("one", np.int64(1))])  # (L,)
+    S = g.op("Gather", [g.op("Shape", [io.past_key(0)]), g.const("seq_axis", np.int64(2))])  # () = S, static per engine
+    key_pos = g.op("Range", [g.const("zero", np.int64(0)), S, g.const("one", np.int64(1))])  # (S,)
     allowed = g.op("LessOrEqual", [
-        g.op("Unsqueeze", [key_pos, g.const("axes01", np.array([0, 1], np.int64))]),           # (1, 1, L)
-        g.op("Unsqueeze", [positions, g.const("axis2", np.array([2], np.int64))])])            # (B, T, 1) -> (B, T, L)
+        g.op("Unsqueeze", [key_pos, g.const("axes01", np.array([0, 1], np.int64))]),           # (1, 1, S)
+        g.op("Unsqueeze", [positions, g.const("axis2", np.array([2], np.int64))])])            # (B, T, 1) -> (B, T, S)
     mask = g.op("Where", [allowed, g.const("zero_f", np.float32(0.0)), g.const("neg", np.float32(MASK_VALUE))])
-    mask = g.op("Unsqueeze", [mask, g.const("axis1", np.array([1], np.int64))])    # (B, 1, T, L) fp32
-    g.scope = "/slice_consts"
-    return {"variant": "ops", "positions": positions, "L1": L1, "mask": mask,
-            "zero1": g.const("zero1", np.array([0], np.int64)), "axis2": g.const("axis2", np.array([2], np.int64))}
+    mask = g.op("Unsqueeze", [mask, g.const("axis1", np.array([1], np.int64))])    # (B, 1, T, S) fp32
+    return {"variant": "ops", "positions": positions, "mask": mask}
 
 
 ATTENTION_VARIANTS = ("fused", "ops")

@@ -164,9 +164,6 @@ def test_exported_fp16_graph_uses_only_what_tensorrt_parses():
     assert v == []
 
 
-@pytest.mark.xfail(strict=True, reason="export/graph.py attends over slots [0, max(cache_positions)+T): that "
-                                       "Slice end and the mask's Range length come from input values. Fix: mask "
-                                       "over the full capacity (shapes from Shape(past)); then remove this marker")
 def test_exported_fp16_graph_has_no_data_dependent_shapes():
     assert check_graph_for_tensorrt(_exported_fp16_graph()) == []
 
