@@ -160,5 +160,22 @@ def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetitio
                        f"{t.decode_per_token_s * 1e3:.1f} ms/token over {t.decode_steps} steps | batch {len(prompts)} | "
                        f"finish {', '.join(o.finish_reason for o in outs)}", err=True)
 
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--max-batch", type=int, default=8, show_default=True, help="Largest batch the engine serves.")
+@click.option("--max-prompt", type=int, default=512, show_default=True, help="Longest prefill (tokens) per call.")
+@click.option("--capacity", type=int, default=None, help="KV-cache slots per row (default: the context, 1024).")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+              help="Timing cache file (default: DIR/engines/timing.cache).")
+@click.option("--force", is_flag=True, help="Rebuild even if a matching engine exists.")
+@_friendly
+def build(directory, max_batch, max_prompt, capacity, timing_cache, force):
+    """Compile DIR's fp16 ONNX graph into a TensorRT engine for this GPU (needs tensorrt >= 10.15 and a GPU)."""
+    from engine.trt_build import build_engine
+    plan = build_engine(directory, max_batch=max_batch, max_prompt=max_prompt, capacity=capacity,
+                        timing_cache_path=timing_cache, force=force)
+    click.echo(f"engine: {plan}")
+
+
 if __name__ == "__main__":
     main()
