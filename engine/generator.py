@@ -56,7 +56,9 @@ class Generator:
         self.tokenizer = tokenizer
         self.config = artifact.config
         self.load_s = load_s
-        self.max_context = min(self.config.n_positions, artifact.max_capacity)
+        # A TensorRT engine's cache length is fixed at build time and may be below the model's context.
+        self.max_context = min(self.config.n_positions, artifact.max_capacity,
+                               getattr(backend, "fixed_capacity", None) or artifact.max_capacity)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, backend: str = "ort", device: str = "cpu",

@@ -49,15 +49,27 @@ class LoopTimings:
 
 
 def prefill(backend: Backend, cache, rows: list[RowState], pad_id: int) -> np.ndarray:
-    """Run every prompt through the model at once; return each row's last-position logits (B, V)."""
+    """Run every prompt through the model; return each row's last-position logits (B, V).
+
+    Backends with a prefill limit (`max_prompt`, e.g. a TensorRT profile) get the prompts in chunks:
+    each chunk continues at the slot where the previous one stopped, as a decode step does.
+    """
     lengths = np.array([len(r.prompt_ids) for r in rows], np.int64)          # (B,)
     T = int(lengths.max())
     ids = np.full((len(rows), T), pad_id, np.int64)                          # (B, T) right-padded
     for b, r in enumerate(rows):
         ids[b, :lengths[b]] = r.prompt_ids
-    start = np.zeros(len(rows), np.int64)                                    # (B,) empty cache
-    logits = backend.forward(cache, ids, start, (lengths - 1)[:, None])      # (B, 1, V)
-    return logits[:, 0]                                                      # (B, V)
+    chunk = int(getattr(backend, "max_prompt", 0) or T)
+    last = lengths - 1                                                       # (B,) each row's last token
+    out = None
+    for start in range(0, T, chunk):
+        width = min(chunk, T - start)
+        local = np.clip(last - start, 0, width - 1)[:, None]                 # (B, 1) index within the chunk
+        logits = backend.forward(cache, ids[:, start:start + width],
+                                 np.full(len(rows), start, np.int64), local)[:, 0]  # (B, V)
+        mine = (last >= start) & (last < start + width)                      # rows whose last token is here
+        out = logits if out is None else np.where(mine[:, None], logits, out)
+    return out
 
 
 def decode_step(backend: Backend, cache, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
