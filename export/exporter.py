@@ -7,6 +7,7 @@ so a failure never leaves a half-written model directory behind.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -24,7 +25,7 @@ from export.graph import ATTENTION_VARIANTS, build_decoder_graph, default_attent
 from export.tokenizer import tokenizer_for_checkpoint
 
 # Protobuf cannot hold more than 2 GB: past this the weights go to model.onnx.data.
-EXTERNAL_DATA_THRESHOLD = 1_900_000_000
+EXTERNAL_DATA_THRESHOLD = int(os.environ.get("GPT2_ENGINE_EXTERNAL_DATA_BYTES", 1_900_000_000))
 EXTERNAL_DATA_FILE = "model.onnx.data"
 
 
@@ -50,14 +51,17 @@ def _prepare_out(out: Path, force: bool) -> Path:
         raise EngineError(f"cannot write to {parent} ({e.strerror}): choose a writable --out") from None
 
 
-def _save_onnx(model: onnx.ModelProto, tmp: Path) -> str | None:
-    total = sum(len(t.raw_data) for t in model.graph.initializer)
-    if total < EXTERNAL_DATA_THRESHOLD:
+def _save_onnx(model: onnx.ModelProto, tmp: Path) -> bool:
+    """Write model.onnx; weights not already streamed out go external past 2 GB. True if external."""
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
         onnx.save_model(model, str(tmp / io.MODEL_FILE))
-        return None
+        return True
+    if sum(len(t.raw_data) for t in model.graph.initializer) < EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, str(tmp / io.MODEL_FILE))
+        return False
     onnx.save_model(model, str(tmp / io.MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=EXTERNAL_DATA_FILE, size_threshold=1024)
-    return EXTERNAL_DATA_FILE
+    return True
 
 
 def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str | None = None, seed: int = 0,
@@ -81,7 +85,12 @@ def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str 
             cfg = ckpt.config
             bar.update(1)
             with tqdm(total=cfg.n_layer, desc="  graph", unit="layer", disable=not show_progress, leave=False) as layers:
-                model = build_decoder_graph(cfg, ckpt.weights, precision, attention, progress=layers.update)
+                # Stream fp32/fp16 weights straight to disk when the graph cannot fit protobuf's 2 GB;
+                # int8 is quantized in memory first and moved out (if still large) when saved.
+                big = cfg.n_params() * (2 if precision == "fp16" else 4) >= EXTERNAL_DATA_THRESHOLD
+                stream_to = tmp / EXTERNAL_DATA_FILE if big and precision != "int8" else None
+                model = build_decoder_graph(cfg, ckpt.weights, precision, attention, progress=layers.update,
+                                            external_data=stream_to)
             del ckpt.weights  # the graph holds its own copy; keep peak memory at ~2x the weights
             if precision == "int8":
                 bar.set_postfix_str("quantizing weights to int8")
@@ -93,7 +102,7 @@ def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str 
             bar.update(1)
             bar.set_postfix_str("tokenizer + manifest")
             tokenizer_for_checkpoint(ckpt.directory).save(str(tmp / io.TOKENIZER_FILE))
-            files = [io.MODEL_FILE] + ([external] if external else [])
+            files = [io.MODEL_FILE] + ([EXTERNAL_DATA_FILE] if external else [])
             manifest = {
                 "format_version": io.FORMAT_VERSION,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -103,7 +112,7 @@ def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str 
                 "opset": io.OPSET,
                 "attention": attention,
                 "model_file": io.MODEL_FILE,
-                "external_data_file": external,
+                "external_data_file": EXTERNAL_DATA_FILE if external else None,
                 "onnx_sha256": {f: sha256_file(tmp / f) for f in files},
                 "tokenizer_file": io.TOKENIZER_FILE,
                 "cache": {"max_capacity": cfg.n_positions, "dtype": "float16" if precision == "fp16" else "float32",

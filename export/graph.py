@@ -22,6 +22,7 @@ C n_embd, nh heads, hs head size, V vocab.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -36,14 +37,39 @@ FLOAT, FLOAT16, INT64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT6
 MASK_VALUE = -1e30
 
 
+class ExternalData:
+    """Streams weights into one external-data file as the graph is built, so a model over protobuf's
+    2 GB limit (gpt2-large, gpt2-xl in fp32) never exists twice in memory."""
+
+    ALIGN = 4096  # page-aligned offsets let ONNX Runtime memory-map the weights
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file = open(self.path, "wb")
+
+    def tensor(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        offset = -self._file.tell() % self.ALIGN + self._file.tell()
+        self._file.seek(offset)
+        self._file.write(array.tobytes())
+        t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for k, v in (("location", self.path.name), ("offset", str(offset)), ("length", str(array.nbytes))):
+            t.external_data.add(key=k, value=v)
+        return t
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class _Graph:
     """Accumulates nodes and initializers; `op` names each node by the current scope."""
 
-    def __init__(self, compute_dtype: int):
+    def __init__(self, compute_dtype: int, external: ExternalData | None = None):
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.scope = ""
         self.compute = compute_dtype  # dtype of matmul weights, activations and cache
+        self.external = external
         self._counts: dict[str, int] = {}
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, name: str | None = None,
@@ -63,8 +89,11 @@ class _Graph:
         return full
 
     def weight(self, key: str, array: np.ndarray, dtype: int) -> str:
-        np_dtype = np.float16 if dtype == FLOAT16 else np.float32
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=np_dtype), key))
+        array = np.ascontiguousarray(array, dtype=np.float16 if dtype == FLOAT16 else np.float32)
+        if self.external is not None and array.nbytes >= 1024:
+            self.initializers.append(self.external.tensor(key, array))
+        else:
+            self.initializers.append(numpy_helper.from_array(array, key))
         return key
 
     def cast(self, x: str, to: int) -> str:
@@ -189,18 +218,29 @@ def default_attention(precision: str) -> str:
 
 def build_decoder_graph(cfg: GPT2Config, weights: dict[str, np.ndarray], precision: str = "fp32",
                         attention: str | None = None,
-                        progress: Callable[[int], None] | None = None) -> onnx.ModelProto:
+                        progress: Callable[[int], None] | None = None,
+                        external_data: str | Path | None = None) -> onnx.ModelProto:
     """The whole decoder. `weights` uses hub names without the `transformer.` prefix.
 
     attention: "fused" (one ONNX Attention node per layer) or "ops" (MatMul/Softmax); default by precision.
     `progress(n)` is called once per block built (for a progress bar).
+    external_data: a file beside the future model.onnx to stream the weights into (past 2 GB).
     """
     if precision not in io.PRECISIONS:
         raise ValueError(f"precision must be one of {io.PRECISIONS}, got {precision!r}")
     attention = attention or default_attention(precision)
     if attention not in ATTENTION_VARIANTS:
         raise ValueError(f"attention must be one of {ATTENTION_VARIANTS}, got {attention!r}")
-    g = _Graph(FLOAT16 if precision == "fp16" else FLOAT)
+    external = ExternalData(external_data) if external_data else None
+    try:
+        return _build(cfg, weights, precision, attention, progress, _Graph(FLOAT16 if precision == "fp16" else FLOAT, external))
+    finally:
+        if external:
+            external.close()
+
+
+def _build(cfg: GPT2Config, weights: dict[str, np.ndarray], precision: str, attention: str,
+           progress: Callable[[int], None] | None, g: _Graph) -> onnx.ModelProto:
     ctx = _positions_and_mask(g, attention)
 
     # Embeddings: token + learned position, summed into the fp32 residual stream.

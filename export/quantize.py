@@ -5,6 +5,8 @@ Activations, LayerNorm, softmax and the KV cache stay fp32."""
 
 from __future__ import annotations
 
+import logging
+
 import onnx
 
 from engine.errors import EngineError
@@ -25,5 +27,11 @@ def quantize_weights_int8(model: onnx.ModelProto) -> onnx.ModelProto:
     quantizer = MatMulNBitsQuantizer(model, bits=BITS, block_size=BLOCK_SIZE, is_symmetric=True,
                                      accuracy_level=ACCURACY_LEVEL, algo_config=config,
                                      op_types_to_quantize=("MatMul",))
-    quantizer.process()
+    log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = log.level
+    log.setLevel(logging.WARNING)  # it logs every node at INFO; the export has its own progress bar
+    try:
+        quantizer.process()
+    finally:
+        log.setLevel(level)
     return quantizer.model.model
