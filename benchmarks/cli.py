@@ -1,0 +1,139 @@
+"""`gpt2-engine bench`: the engine beside HF transformers, CTranslate2 and the physical floor.
+
+A click command of its own (engine/cli.py adds it to the `gpt2-engine` group); also runnable alone:
+`python -m benchmarks.cli --quick`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+import psutil
+from click.core import ParameterSource
+
+from benchmarks.harness import (DEFAULT_PEERS, DEFAULT_POSITIONS, ENGINE_BACKENDS, PEERS, QUICK_POSITIONS,
+                                ModelSpec, Plan, run_bench)
+from engine.errors import EngineError
+
+# --quick: what it sets (unless the option is given explicitly). Measured on the 2-core CPU machine:
+# under 5 minutes from nothing (random checkpoint, export, CT2 conversion, reference, all runners).
+QUICK = {"models": ("gpt2",), "batches": (1,), "prompt_lens": (32,), "new_tokens": (32,), "repeats": 3,
+         "position_list": QUICK_POSITIONS}
+
+
+def _friendly(fn):
+    """Anticipated errors become one line and exit code 1, as in engine/cli.py."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EngineError as e:
+            raise click.ClickException(str(e)) from None
+    return wrapper
+
+
+def _default_work_dir() -> Path:
+    from engine.generator import default_cache_dir
+    return default_cache_dir() / "bench"
+
+
+def _model_spec(model: str, init: str, seed: int, init_range: float) -> ModelSpec:
+    from engine.config import SIZES, canonical_size_name
+    from engine.errors import InputError
+    if Path(model).expanduser().is_dir():  # a directory is always a checkpoint, whatever --init says
+        return ModelSpec(Path(model).expanduser().resolve().name, "checkpoint", source=model)
+    size = canonical_size_name(model)
+    if size is None:
+        raise InputError(f"--model {model!r} is neither a checkpoint directory nor a model name "
+                         f"({', '.join(SIZES)})")
+    if init == "random":
+        return ModelSpec(size, "random", SIZES[size], seed=seed, init_range=init_range)
+    return ModelSpec(size, "checkpoint", source=model)
+
+
+@click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", "models", multiple=True, default=("gpt2",), show_default=True,
+              help="Size name (gpt2 .. gpt2-xl, distilgpt2) or HF checkpoint directory; repeatable.")
+@click.option("--init", type=click.Choice(["random", "checkpoint"]), default="random", show_default=True,
+              help="For size names: random weights (saved once under --work-dir, shared by every runner), "
+                   "or the real checkpoint (HF hub cache, else download). Directories are always checkpoints.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--init-range", type=float, default=0.1, show_default=True,
+              help="Std of the random weights. 0.1, not 0.02: at 0.02 greedy output is one token repeated "
+                   "and the validation gate proves little (DESIGN.md); speed does not depend on it.")
+@click.option("--batch", "batches", type=click.IntRange(min=1), multiple=True, default=(1,), show_default=True,
+              help="Batch size; repeatable.")
+@click.option("--prompt-len", "prompt_lens", type=click.IntRange(min=1), multiple=True, default=(32,),
+              show_default=True, help="Prompt tokens per row; repeatable.")
+@click.option("--new-tokens", "new_tokens", type=click.IntRange(min=1), multiple=True, default=(128,),
+              show_default=True, help="Generated tokens per row; repeatable.")
+@click.option("--backend", "backends", type=click.Choice(ENGINE_BACKENDS), multiple=True, default=("ort",),
+              show_default=True, help="Engine backend; repeatable (GPU ones are reported skipped without a GPU).")
+@click.option("--peers/--no-peers", default=True, show_default=True,
+              help=f"Measure the peers ({', '.join(DEFAULT_PEERS)}) on the same weights and prompts.")
+@click.option("--peer", "peer_list", type=click.Choice(PEERS), multiple=True,
+              help="Choose the peers instead of the default set; repeatable.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for every runner and the floor (default: physical cores).")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed runs per config.")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed runs first.")
+@click.option("--positions/--no-positions", default=True, show_default=True,
+              help="Measure decode latency vs context position.")
+@click.option("--position", "position_list", type=click.IntRange(min=1), multiple=True,
+              default=DEFAULT_POSITIONS, show_default=True, help="Context positions to time; repeatable.")
+@click.option("--quick", is_flag=True,
+              help="gpt2, batch 1, prompt 32, 32 new tokens, 3 repeats, positions 16/256/900 "
+                   "(options given explicitly still win).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Results directory (default: bench-results/<UTC timestamp>).")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where random checkpoints, exports and CT2 conversions are kept for reuse "
+                   "(default: $GPT2_ENGINE_CACHE/bench, i.e. ~/.cache/gpt2-engine/bench).")
+@click.pass_context
+@_friendly
+def bench(ctx, models, init, seed, init_range, batches, prompt_lens, new_tokens, backends, peers, peer_list,
+          threads, repeats, warmup, positions, position_list, quick, out, work_dir):
+    """Benchmark the engine: TTFT, ms/token, tokens/s (p50/p90/p99), memory, decode vs context,
+    beside HF transformers, CTranslate2 and the memory-bandwidth floor, every output validated first.
+
+    Writes results.jsonl, table.md and PNG plots to --out, then prints the conditions and the table.
+    """
+    values = dict(models=models, batches=batches, prompt_lens=prompt_lens, new_tokens=new_tokens,
+                  repeats=repeats, position_list=position_list)
+    if quick:
+        for name, v in QUICK.items():
+            if ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None):
+                values[name] = v
+    threads = threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    chosen_peers = tuple(dict.fromkeys(peer_list)) if peer_list else (DEFAULT_PEERS if peers else ())
+    if peer_list and not peers:
+        raise click.UsageError("--peer and --no-peers contradict each other: give one")
+    plan = Plan(batches=tuple(values["batches"]), prompt_lens=tuple(values["prompt_lens"]),
+                new_tokens=tuple(values["new_tokens"]), backends=tuple(dict.fromkeys(backends)),
+                peers=chosen_peers, threads=threads, repeats=values["repeats"], warmup=warmup,
+                positions=tuple(values["position_list"]) if positions else ())
+    specs = [_model_spec(m, init, seed, init_range) for m in dict.fromkeys(values["models"])]
+    out = out or Path("bench-results") / _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    t0 = time.perf_counter()
+    result = run_bench(specs, plan, out, work_root=work_dir or _default_work_dir())
+    click.echo(result.header)
+    click.echo()
+    click.echo(result.table)
+    click.echo()
+    click.echo("Engine vs peers and floor (p50; below 1x against a peer, the engine is faster):")
+    click.echo(result.ratios)
+    click.echo()
+    click.echo(f"wrote {out}/results.jsonl, table.md, {', '.join(p.name for p in result.plots) or 'no plots'} "
+               f"in {time.perf_counter() - t0:.0f} s", err=True)
+    if not any(r.ok for r in result.records):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    bench()

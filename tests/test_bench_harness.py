@@ -1,0 +1,228 @@
+"""The bench runner: the validation gate (pure, and through the per-runner path), a tiny end-to-end
+run that writes every output, and the CLI's option handling. No test asserts a timing value."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from benchmarks import harness
+from benchmarks.harness import (LOSSY_PREFIX, EngineRunner, ModelSpec, Plan, RunnerSpec, Skipped, measure_runner,
+                                prepare_model, validate_tokens)
+from benchmarks.records import read_jsonl
+from engine.config import GPT2Config
+
+TINY = GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=50257, n_positions=1024)
+FLOOR = (10.0, 100.0)  # injected rates (GB/s, GFLOP/s): the floor's arithmetic without its 2 s measurement
+
+
+# ---- the gate, pure ------------------------------------------------------------------------------
+
+def test_gate_accepts_the_reference_exactly():
+    assert validate_tokens([5, 6, 7], [5, 6, 7]) is None
+    assert validate_tokens([5, 6, 7], np.array([5, 6, 7])) is None
+
+
+def test_gate_refuses_a_wrong_token_and_says_where():
+    why = validate_tokens([5, 6, 7, 8], [5, 6, 9, 8])
+    assert why is not None and "token 2 is 9, reference 7" in why and "2/4" in why
+
+
+def test_gate_refuses_wrong_lengths():
+    assert "returned 2 tokens" in validate_tokens([5, 6, 7], [5, 6])
+    assert "returned 4 tokens" in validate_tokens([5, 6, 7], [5, 6, 7, 8])
+    assert validate_tokens([5, 6, 7], []) is not None
+
+
+def test_lossy_gate_checks_the_prefix_only():
+    ref = list(range(100, 116))
+    drift = ref[:LOSSY_PREFIX] + [0] * (16 - LOSSY_PREFIX)
+    assert validate_tokens(ref, drift, min_prefix=LOSSY_PREFIX) is None
+    assert validate_tokens(ref, drift) is not None
+    assert validate_tokens(ref, [ref[0] + 1] + ref[1:], min_prefix=LOSSY_PREFIX) is not None
+    with pytest.raises(ValueError):
+        validate_tokens([], [1])
+
+
+# ---- the per-runner path -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny model prepared as the harness prepares any model, its engine artifact and the reference."""
+    work = tmp_path_factory.mktemp("bench-work")
+    spec = ModelSpec("tiny", "random", TINY, seed=0, init_range=0.1)
+    model = prepare_model(spec, work)
+    model.artifact("fp32")
+    prompt = harness._tokenizer().encode(harness.VALIDATION_TEXT, add_special_tokens=False).ids
+    reference = harness.hf_reference(model.checkpoint_dir, prompt, harness.VALIDATION_NEW_TOKENS, threads=1)
+    return spec, model, work, prompt, reference
+
+
+class ShiftedBackend:
+    """A real backend whose logits are rolled by one along the vocabulary: every argmax is off by one."""
+
+    name = "shifted"
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def new_cache(self, batch, capacity):
+        return self.inner.new_cache(batch, capacity)
+
+    def forward(self, cache, input_ids, cache_positions, logits_indices):
+        return np.roll(self.inner.forward(cache, input_ids, cache_positions, logits_indices), 1, axis=-1)
+
+    def close(self):
+        self.inner.close()
+
+
+def _engine_spec(model, backend_cls=None) -> RunnerSpec:
+    def load():
+        from engine.artifact import load_artifact
+        from engine.backends.ort import OrtBackend
+        art = load_artifact(model.artifact("fp32"))
+        be = OrtBackend(art, threads=1)
+        return EngineRunner(backend_cls(be) if backend_cls else be, art.config, harness._tokenizer())
+    return RunnerSpec("engine-fake", "fp32", "cpu", load, threads=1)
+
+
+PLAN = Plan(batches=(1, 2), prompt_lens=(8,), new_tokens=(4,), backends=("ort",), peers=(), threads=1,
+            repeats=2, warmup=1, positions=(16, 64), position_steps=2)
+
+
+def test_backend_returning_wrong_tokens_is_refused_and_not_timed(tiny):
+    _, model, _, prompt, reference = tiny
+    notes = []
+    recs = measure_runner(_engine_spec(model, ShiftedBackend), model, PLAN, reference, prompt, log=notes.append)
+    assert len(recs) == len(PLAN.configs)
+    for r in recs:
+        assert r.status.startswith("failed validation: "), r.status
+        assert r.ttft is None and r.decode_per_token is None and r.e2e is None and r.per_position is None
+    assert any("FAILED validation" in n for n in notes)
+
+
+def test_the_same_backend_unshifted_passes_and_is_timed(tiny):
+    _, model, _, prompt, reference = tiny
+    recs = measure_runner(_engine_spec(model), model, PLAN, reference, prompt)
+    assert [r.status for r in recs] == ["ok"] * len(PLAN.configs)
+    r = recs[0]
+    assert r.ttft["n"] == PLAN.repeats and r.decode_per_token["n"] == PLAN.repeats
+    assert r.extra["decode_step_all"]["n"] == PLAN.repeats * 3  # 4 new tokens = 3 decode steps per run
+    assert r.extra["validation"] == {"matched_prefix": 16, "of": 16, "gate": "exact"}
+    assert [p for p, _ in r.per_position] == [16, 64] and recs[1].per_position is None
+    assert r.peak_rss_mb > 0 and r.load_s > 0
+
+
+def test_unloadable_runners_are_recorded_not_raised(tiny):
+    _, model, _, prompt, reference = tiny
+
+    def skip():
+        raise Skipped("no GPU here")
+
+    def boom():
+        raise RuntimeError("engine file is corrupt")
+    for load, prefix in ((skip, "skipped: no GPU here"), (boom, "failed: load: RuntimeError")):
+        recs = measure_runner(RunnerSpec("engine-x", "fp32", "cpu", load), model, PLAN, reference, prompt)
+        assert all(r.status.startswith(prefix) for r in recs), [r.status for r in recs]
+    recs = measure_runner(_engine_spec(model), model, PLAN, None, prompt)
+    assert all(r.status.startswith("skipped: no reference") for r in recs)
+
+
+# ---- end to end ---------------------------------------------------------------------------------
+
+def test_tiny_end_to_end_writes_records_table_and_plots(tiny, tmp_path):
+    spec, _, work, _, _ = tiny
+    plan = Plan(batches=(1, 2), prompt_lens=(8,), new_tokens=(4,), backends=("ort", "trt"), peers=("hf",),
+                threads=1, repeats=2, warmup=1, positions=(16, 64), position_steps=2)
+    out = tmp_path / "out"
+    result = harness.run_bench([spec], plan, out, work_root=work, floor_rates=FLOOR, show_progress=False,
+                               log=lambda s: None)
+
+    recs = read_jsonl(out / "results.jsonl")
+    assert len(recs) == 3 * len(plan.configs)  # engine-ort, engine-trt, hf per configuration
+    by = {(r.backend, r.batch): r for r in recs}
+    for backend in ("engine-ort", "hf"):
+        for b in (1, 2):
+            r = by[(backend, b)]
+            assert r.ok, r.status
+            assert r.model == "tiny" and r.weights == "random" and r.threads == 1 and r.conditions
+            assert r.floor["bandwidth_GBps"] == FLOOR[0] and r.ratios["x_floor"] > 0
+    assert by[("engine-ort", 1)].per_position and by[("hf", 1)].per_position
+    assert set(by[("engine-ort", 1)].ratios) >= {"decode_vs_hf", "ttft_vs_hf", "x_floor"}
+    if harness._trt_available() is not None:  # the usual case: no GPU / TensorRT on the test machine
+        assert by[("engine-trt", 1)].status.startswith("skipped: no GPU/TensorRT") or \
+            by[("engine-trt", 1)].status.startswith("skipped: no TensorRT")
+
+    table = (out / "table.md").read_text()
+    assert "| engine-ort | tiny | fp32 | 1 | 8 | 4 |" in table and "| hf | tiny |" in table
+    assert "load avg 1m" in table and "decode / hf" in table
+    pngs = {p.name for p in out.glob("*.png")}
+    assert pngs == {"decode_vs_position.png", "tokens_per_s_vs_batch.png", "decode_vs_peers.png"}
+    assert {p.name for p in result.plots} == pngs
+    assert result.header in table
+
+
+# ---- the CLI -------------------------------------------------------------------------------------
+
+def _capture(monkeypatch):
+    from benchmarks import cli
+    seen = {}
+
+    def fake_run_bench(specs, plan, out, *, work_root, **kw):
+        seen.update(specs=specs, plan=plan, out=out, work_root=work_root)
+        return harness.BenchResult([], out, "HEADER", "TABLE", "RATIOS", [])
+    monkeypatch.setattr(cli, "run_bench", fake_run_bench)
+    return cli, seen
+
+
+def test_quick_sets_its_defaults_and_explicit_options_win(monkeypatch, tmp_path):
+    cli, seen = _capture(monkeypatch)
+    res = CliRunner().invoke(cli.bench, ["--quick", "--repeats", "4", "--out", str(tmp_path / "o"),
+                                         "--work-dir", str(tmp_path / "w"), "--threads", "1"])
+    assert "HEADER" in res.output and "TABLE" in res.output
+    plan = seen["plan"]
+    assert (plan.batches, plan.prompt_lens, plan.new_tokens) == ((1,), (32,), (32,))
+    assert plan.repeats == 4 and plan.positions == harness.QUICK_POSITIONS and plan.peers == ("hf", "ct2")
+    assert [s.name for s in seen["specs"]] == ["gpt2"] and seen["specs"][0].init == "random"
+
+
+def test_peer_selection_and_checkpoint_dirs(monkeypatch, tmp_path, tiny):
+    cli, seen = _capture(monkeypatch)
+    _, model, _, _, _ = tiny
+    CliRunner().invoke(cli.bench, ["--model", str(model.checkpoint_dir), "--peer", "ct2-int8", "--peer", "hf",
+                                   "--no-positions", "--batch", "1", "--batch", "4", "--out", str(tmp_path)])
+    assert seen["plan"].peers == ("ct2-int8", "hf") and seen["plan"].positions == ()
+    assert seen["plan"].batches == (1, 4)
+    assert seen["specs"][0].init == "checkpoint" and seen["specs"][0].source == str(model.checkpoint_dir)
+    CliRunner().invoke(cli.bench, ["--no-peers", "--out", str(tmp_path)])
+    assert seen["plan"].peers == ()
+    res = CliRunner().invoke(cli.bench, ["--model", "gpt3", "--out", str(tmp_path)])
+    assert res.exit_code == 1 and "neither a checkpoint directory nor a model name" in res.output
+
+
+def test_records_round_trip_as_json(tiny, tmp_path):
+    _, model, _, prompt, reference = tiny
+    recs = measure_runner(_engine_spec(model, ShiftedBackend), model, PLAN, reference, prompt)
+    harness.write_outputs(recs, tmp_path, "H")
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len(lines) == len(PLAN.configs) and all(json.loads(x)["status"].startswith("failed validation") for x in lines)
+
+
+def test_ct2_peer_on_a_bare_checkpoint_dir(tiny, tmp_path):
+    """A user's checkpoint without tokenizer files: CTranslate2's converter still gets a vocabulary
+    (from links in the work dir; the user's directory is left untouched), and its greedy tokens pass."""
+    pytest.importorskip("ctranslate2")
+    from benchmarks.harness import peer_spec
+    from export.checkpoint import random_weights, save_checkpoint
+    _, _, _, prompt, reference = tiny
+    bare = save_checkpoint(tmp_path / "bare", TINY, random_weights(TINY, 0, 0.1))
+    model = prepare_model(ModelSpec("bare", "checkpoint", source=str(bare)), tmp_path / "work")
+    assert model.weights == "real" and model.config == TINY
+    plan = Plan(batches=(2,), prompt_lens=(8,), new_tokens=(3,), peers=("ct2",), threads=1, repeats=1, warmup=0,
+                positions=(16,), position_steps=2)
+    recs = measure_runner(peer_spec("ct2", model, 1), model, plan, reference, prompt)
+    assert [r.status for r in recs] == ["ok"], recs[0].status
+    assert recs[0].per_position and sorted(p.name for p in bare.iterdir()) == ["config.json", "model.safetensors"]
