@@ -14,12 +14,17 @@ import time
 from pathlib import Path
 
 import click
-import psutil
 from click.core import ParameterSource
 
-from benchmarks.harness import (DEFAULT_PEERS, DEFAULT_POSITIONS, ENGINE_BACKENDS, PEERS, QUICK_POSITIONS,
-                                ModelSpec, Plan, run_bench)
 from engine.errors import EngineError
+
+# The harness's vocabulary, repeated here so that loading the `gpt2-engine` group (every CLI call)
+# does not import the harness and numpy; tests/test_bench_harness.py checks the two agree.
+ENGINE_BACKENDS = ("ort", "ort-cuda", "trt")
+PEERS = ("hf", "ct2", "ct2-int8")
+DEFAULT_PEERS = ("hf", "ct2")
+DEFAULT_POSITIONS = (16, 128, 256, 512, 900, 1000)
+QUICK_POSITIONS = (16, 256, 900)
 
 # --quick: what it sets (unless the option is given explicitly). Measured on the 2-core CPU machine:
 # under 5 minutes from nothing (random checkpoint, export, CT2 conversion, reference, all runners).
@@ -38,12 +43,19 @@ def _friendly(fn):
     return wrapper
 
 
+def run_bench(*args, **kwargs):
+    """harness.run_bench, imported on first use (a seam the tests replace)."""
+    from benchmarks.harness import run_bench as run
+    return run(*args, **kwargs)
+
+
 def _default_work_dir() -> Path:
     from engine.generator import default_cache_dir
     return default_cache_dir() / "bench"
 
 
-def _model_spec(model: str, init: str, seed: int, init_range: float) -> ModelSpec:
+def _model_spec(model: str, init: str, seed: int, init_range: float):
+    from benchmarks.harness import ModelSpec
     from engine.config import SIZES, canonical_size_name
     from engine.errors import InputError
     if Path(model).expanduser().is_dir():  # a directory is always a checkpoint, whatever --init says
@@ -104,12 +116,14 @@ def bench(ctx, models, init, seed, init_range, batches, prompt_lens, new_tokens,
 
     Writes results.jsonl, table.md and PNG plots to --out, then prints the conditions and the table.
     """
+    from benchmarks.harness import Plan
     values = dict(models=models, batches=batches, prompt_lens=prompt_lens, new_tokens=new_tokens,
                   repeats=repeats, position_list=position_list)
     if quick:
         for name, v in QUICK.items():
             if ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None):
                 values[name] = v
+    import psutil
     threads = threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
     chosen_peers = tuple(dict.fromkeys(peer_list)) if peer_list else (DEFAULT_PEERS if peers else ())
     if peer_list and not peers:

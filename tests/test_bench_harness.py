@@ -226,3 +226,9 @@ def test_ct2_peer_on_a_bare_checkpoint_dir(tiny, tmp_path):
     recs = measure_runner(peer_spec("ct2", model, 1), model, plan, reference, prompt)
     assert [r.status for r in recs] == ["ok"], recs[0].status
     assert recs[0].per_position and sorted(p.name for p in bare.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_cli_vocabulary_matches_the_harness():
+    from benchmarks import cli
+    for name in ("ENGINE_BACKENDS", "PEERS", "DEFAULT_PEERS", "DEFAULT_POSITIONS", "QUICK_POSITIONS"):
+        assert getattr(cli, name) == getattr(harness, name), name
