@@ -95,6 +95,10 @@ def inspect(directory, as_json):
 
 main.add_command(inspect, name="info")
 
+from benchmarks.cli import bench  # noqa: E402  (the harness itself is imported only when bench runs)
+
+main.add_command(bench)
+
 
 @main.command()
 @click.argument("model")
