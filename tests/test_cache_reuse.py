@@ -1,0 +1,172 @@
+"""The KV cache is allocated once per request and written in place, at the right slots.
+
+(a) one `new_cache` per generate/stream call; ORT writes into the very numpy buffers that were bound
+    (present output == past input == the numpy array), exactly at the slots the tokens occupy;
+(b) ORT never logs "copying past_cache to present_cache" during generation, while a plain
+    `session.run` with numpy feeds (no aliasing) does, in the same test: the check can fail;
+(c) prefill + N single-token decode steps == one full forward over the same tokens (the test that
+    catches cache-position bugs), for one row and for a right-padded batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.backends.ort import OrtBackend
+from engine.loop import decode_step, new_row, prefill
+from engine.sampling import SamplingParams
+from tests.runtime_fixtures import EOS, PROMPTS, tiny_gen, tiny_model  # noqa: F401 (fixtures)
+
+COPY_WARNING = "copying past_cache to present_cache"
+
+
+@pytest.fixture
+def caches(monkeypatch):
+    """Every cache `OrtBackend.new_cache` makes during the test, in order."""
+    made = []
+    original = OrtBackend.new_cache
+
+    def counting(self, batch, capacity):
+        cache = original(self, batch, capacity)
+        made.append(cache)
+        return cache
+
+    monkeypatch.setattr(OrtBackend, "new_cache", counting)
+    return made
+
+
+def filled_slots(cache) -> np.ndarray:
+    """(B, S) bool: slot s of row b holds data in every layer's key and value buffer."""
+    per_buffer = [np.any(a != 0, axis=(1, 3)) for a in cache.arrays]                # each (B, S)
+    assert all((p == per_buffer[0]).all() for p in per_buffer), "layers disagree on which slots are written"
+    return per_buffer[0]
+
+
+def test_one_allocation_per_request_written_in_place(tiny_gen, caches):
+    cfg = tiny_gen.config
+    params = SamplingParams(max_new_tokens=20, seed=0, stop_at_eos=False)
+    out = tiny_gen.generate(PROMPTS[1], params)
+    assert len(caches) == 1, f"generate allocated {len(caches)} caches for one request"
+    cache = caches[0]
+    L, n = len(out.prompt_token_ids), len(out.token_ids)
+    assert n == 20 and cache.batch == 1 and cache.capacity == L + n
+
+    # The numpy arrays are the buffers ORT used: past input, present output and array share memory.
+    assert len(cache.arrays) == len(cache.buffers) == 2 * cfg.n_layer
+    outputs = cache.binding.get_outputs()                                           # logits, then presents
+    for arr, ov, present in zip(cache.arrays, cache.buffers, outputs[1:]):
+        assert arr.shape == (1, cfg.n_head, cache.capacity, cfg.head_dim)           # (B, nh, S, hs)
+        assert ov.data_ptr() == arr.ctypes.data
+        assert present.data_ptr() == arr.ctypes.data, "present was not written into the past buffer"
+
+    # Every token fed to the model sits at its slot: the prompt and all generated tokens but the last
+    # (which is sampled, never fed). Beyond that the buffer is untouched.
+    filled = filled_slots(cache)[0]                                                 # (S,)
+    assert filled[:L + n - 1].all(), f"unwritten slots: {np.flatnonzero(~filled[:L + n - 1])}"
+    assert not filled[L + n - 1:].any(), f"written beyond the last fed token: {np.flatnonzero(filled)}"
+
+    # Stream and batch requests allocate once too.
+    list(tiny_gen.stream(PROMPTS[0], params))
+    tiny_gen.generate(PROMPTS, params)
+    assert len(caches) == 3
+
+
+def test_batch_rows_written_at_their_own_slots(tiny_gen, caches):
+    params = [SamplingParams.greedy(n, stop_at_eos=False) for n in (12, 3, 8, 20)]
+    outs = tiny_gen.generate(PROMPTS, params)
+    (cache,) = caches
+    lengths = [len(o.prompt_token_ids) for o in outs]
+    T = max(lengths)
+    assert cache.batch == 4 and cache.capacity == max(L + sp.max_new_tokens for L, sp in zip(lengths, params))
+    filled = filled_slots(cache)                                                    # (B, S)
+    for b, (o, L) in enumerate(zip(outs, lengths)):
+        fed = L + len(o.token_ids) - 1
+        assert filled[b, :fed].all(), f"row {b}: unwritten slots {np.flatnonzero(~filled[b, :fed])}"
+        # Past the fed tokens a row may hold only its right padding (< T) and the re-fed last token of a
+        # row that finished early (slot `fed`): nothing at or beyond max(T, fed + 1).
+        assert not filled[b, max(T, fed + 1):].any(), f"row {b} written at {np.flatnonzero(filled[b])}"
+
+
+def test_no_cache_copy_warning_and_the_control_shows_it(tiny_gen, tiny_model, capfd):
+    import onnxruntime as ort
+    ort.set_default_logger_severity(2)  # WARNING, ORT's default: the level the copy message is logged at
+    capfd.readouterr()
+
+    tiny_gen.generate(PROMPTS[:2], SamplingParams(max_new_tokens=8, seed=0))
+    list(tiny_gen.stream(PROMPTS[2], SamplingParams.greedy(8)))
+    err = capfd.readouterr().err
+    assert COPY_WARNING not in err, f"ORT copied the KV cache during generation:\n{err[:2000]}"
+
+    # Negative control on the same session: numpy feeds, ORT allocates `present` itself and must copy.
+    cfg = tiny_gen.config
+    feeds = {"input_ids": np.array([[464, 3616, 286]], np.int64), "cache_positions": np.zeros(1, np.int64),
+             "logits_indices": np.array([[2]], np.int64)}
+    for past, _ in _pairs(cfg.n_layer):
+        feeds[past] = np.zeros((1, cfg.n_head, 8, cfg.head_dim), np.float32)      # (B, nh, S, hs)
+    tiny_gen.backend.session.run(None, feeds)
+    err = capfd.readouterr().err
+    assert COPY_WARNING in err, f"the control did not produce ORT's copy warning; stderr was:\n{err[:2000]}"
+
+
+def _pairs(n_layer: int):
+    from engine.artifact import cache_io_pairs
+    return cache_io_pairs(n_layer)
+
+
+# ---- (c) prefill + N decode steps == full forward ------------------------------------------------------
+
+def _tol(full: np.ndarray) -> float:
+    # fp32 summation-order noise scales with the logits (measured 2e-6 on tiny, 3e-5 on gpt2 at init 0.1,
+    # max |logit| ~4 and ~16); a wrong slot or mask moves logits by O(1).
+    return 1e-5 * max(1.0, float(np.abs(full).max())) * 10
+
+
+def test_prefill_then_decode_steps_equal_full_forward(tiny_gen):
+    be = tiny_gen.backend
+    ids = np.random.default_rng(0).integers(0, EOS, 48)                            # (T,)
+    full = tiny_gen.logits(ids)                                                     # (T, V)
+    P = 17
+    cache = be.new_cache(1, len(ids))
+    pre = be.forward(cache, ids[None, :P], np.zeros(1, np.int64), np.arange(P)[None])[0]  # (P, V)
+    np.testing.assert_allclose(pre, full[:P], rtol=0, atol=_tol(full))
+    for t in range(P, len(ids)):
+        step = decode_step(be, cache, ids[t:t + 1], np.array([t], np.int64))[0]    # (V,)
+        np.testing.assert_allclose(step, full[t], rtol=0, atol=_tol(full), err_msg=f"decode step at position {t}")
+
+
+def test_batched_prefill_and_decode_equal_each_rows_full_forward(tiny_gen):
+    """Rows of 30, 9 and 1 prompt tokens, right-padded in one prefill, then 12 decode steps together."""
+    be = tiny_gen.backend
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(0, EOS, n + 12) for n in (30, 9, 1)]
+    rows = [new_row(list(s[:-12]), SamplingParams.greedy(12), tiny_gen.tokenizer) for s in seqs]
+    fulls = [tiny_gen.logits(s) for s in seqs]                                      # each (T_b, V)
+    cache = be.new_cache(3, max(len(s) for s in seqs))
+    last = prefill(be, cache, rows, pad_id=EOS)                                     # (B, V)
+    positions = np.array([len(r.prompt_ids) for r in rows], np.int64)               # (B,)
+    for b in range(3):
+        np.testing.assert_allclose(last[b], fulls[b][positions[b] - 1], rtol=0, atol=_tol(fulls[b]),
+                                   err_msg=f"prefill row {b}")
+    for step in range(12):
+        tokens = np.array([s[p] for s, p in zip(seqs, positions)], np.int64)       # (B,)
+        logits = decode_step(be, cache, tokens, positions)                          # (B, V)
+        for b in range(3):
+            np.testing.assert_allclose(logits[b], fulls[b][positions[b]], rtol=0, atol=_tol(fulls[b]),
+                                       err_msg=f"decode step {step}, row {b}, position {positions[b]}")
+        positions += 1
+
+
+def test_chunked_prefill_equals_one_shot_prefill(tiny_gen, caches, monkeypatch):
+    """Backends with a prefill limit (`max_prompt`, e.g. a TensorRT profile) get prompts in chunks; on
+    ORT, forced to chunks of 7, the tokens and every cache slot equal a one-shot prefill."""
+    prompts = [PROMPTS[1], PROMPTS[3], PROMPTS[2], " the" * 30]  # last tokens in chunks 2, 0, 1 and 4
+    params = [SamplingParams(max_new_tokens=n, seed=n) for n in (10, 4, 7, 12)]
+    one_shot = tiny_gen.generate(prompts, params)
+    monkeypatch.setattr(tiny_gen.backend, "max_prompt", 7, raising=False)
+    chunked = tiny_gen.generate(prompts, params)
+    assert [o.token_ids for o in chunked] == [o.token_ids for o in one_shot]
+    assert [o.text for o in chunked] == [o.text for o in one_shot]
+    a, b = caches
+    for x, y in zip(a.arrays, b.arrays):
+        np.testing.assert_allclose(y, x, rtol=0, atol=1e-5)
