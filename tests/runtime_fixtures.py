@@ -37,6 +37,7 @@ TINY_INIT = 0.3      # the 2-layer tiny config needs a wider init for the same d
 EOS = 50256
 REPO = Path(__file__).resolve().parents[1]
 
+PROMPT_IDS = [[464, 3616, 286, 1204, 318], [15496], [4299, 12900, 7, 77, 2599]]  # "The meaning of life is", ...
 PROMPTS = [
     "The meaning of life is",
     "In 1869 the transcontinental railroad was completed, and within a decade the towns along its route",
@@ -59,26 +60,32 @@ _MADE: dict[tuple, Model] = {}
 
 
 def make_model(tmp_path_factory, size: str, seed: int = 0, init: float = DIVERSE_INIT,
-               negative_logits: bool = False) -> Model:
+               variant: str | None = None) -> Model:
     """Save and export a random checkpoint of `size` ('tiny' or a SIZES key), once per session.
 
-    negative_logits: shift every logit below zero (measured max -25 on tiny), as in real GPT-2 whose
-    logits sit around -100, so that the repetition penalty's multiply branch (x < 0) decides tokens.
-    Done through a shared direction: +3 on dimension 0 of every wte row (the tied LM head) and -20 on
-    ln_f.bias[0], so each position's logits move by about 3 * (ln_f output[0]) ~ -60 together.
+    variant "negative-logits": every logit below zero (measured max -25 on tiny), as in real GPT-2 whose
+      logits sit around -100, so that the repetition penalty's multiply branch (x < 0) decides tokens.
+      Done through a shared direction: +3 on dimension 0 of every wte row (the tied LM head) and -20 on
+      ln_f.bias[0], so each position's logits move by about 3 * (ln_f output[0]) ~ -60 together.
+    variant "eos-prone": the same, with <|endoftext|>'s logit raised (wte[50256, 0] 0.7 lower): greedy
+      with repetition_penalty=1.3 meets eos after 13-42 tokens on PROMPT_IDS (measured with HF).
     """
     from export.checkpoint import random_weights, save_checkpoint
     from export.exporter import export_model
 
     root = tmp_path_factory.getbasetemp() / "runtime-models"
-    key = (str(root), size, seed, init, negative_logits)
+    key = (str(root), size, seed, init, variant)
     if key not in _MADE:
         cfg = TINY if size == "tiny" else SIZES[size]
-        name = f"{size}-s{seed}-i{init}" + ("-neg" if negative_logits else "")
+        name = f"{size}-s{seed}-i{init}" + (f"-{variant}" if variant else "")
         weights = random_weights(cfg, seed, init)
-        if negative_logits:
+        if variant in ("negative-logits", "eos-prone"):
             weights["wte.weight"][:, 0] += 3.0
             weights["ln_f.bias"][0] -= 20.0
+        if variant == "eos-prone":
+            weights["wte.weight"][EOS, 0] -= 0.7
+        elif variant not in (None, "negative-logits"):
+            raise ValueError(f"unknown variant {variant!r}")
         ckpt = save_checkpoint(root / "ckpt" / name, cfg, weights)
         del weights
         art = export_model(str(ckpt), root / "art" / name, show_progress=False)

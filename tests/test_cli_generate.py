@@ -43,7 +43,9 @@ def gen(random_art):
 def stop_string(gen) -> tuple[str, str]:
     """A stop string taken from the middle of the greedy text, and the text before its first match."""
     text = gen.generate(PROMPTS[0], SamplingParams.greedy(24)).text
-    stop = text[len(text) // 2:len(text) // 2 + 2]
+    # Printable and not option-like, so that it travels as one command-line argument.
+    stop = next(text[i:i + 2] for i in range(len(text) // 2, len(text) - 1)
+                if text[i:i + 2].isprintable() and not text[i:i + 2].startswith("-"))
     return stop, text[:text.index(stop)]
 
 

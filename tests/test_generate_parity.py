@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from engine.sampling import SamplingParams
-from tests.runtime_fixtures import (EOS, PROMPTS, TINY_INIT, Model, distinct, hf_generate, hf_model, load_generator,
+from tests.runtime_fixtures import (EOS, PROMPT_IDS, PROMPTS, TINY_INIT, Model, distinct, hf_generate, hf_model, load_generator,
                                     make_model, tiny_gen, tiny_model)  # noqa: F401 (fixtures)
 
 N_NEW = 64
@@ -117,8 +117,8 @@ def test_repetition_penalty_matches_hf_generate(gpt2):
 def test_repetition_penalty_on_negative_logits_matches_hf_generate(tmp_path_factory, penalty):
     """The gpt2 case above never has a negative logit at the top (random logits centre on 0, the argmax
     is ~+10), so the penalty's x < 0 branch cannot change its tokens; here every logit is negative."""
-    m = make_model(tmp_path_factory, "tiny", init=TINY_INIT, negative_logits=True)
-    prompt_ids = [464, 3616, 286, 1204, 318]
+    m = make_model(tmp_path_factory, "tiny", init=TINY_INIT, variant="negative-logits")
+    prompt_ids = PROMPT_IDS[0]
     with load_generator(m) as gen:
         assert gen.logits(prompt_ids).max() < 0
         out = gen.generate(prompt_ids, SamplingParams.greedy(N_NEW, repetition_penalty=penalty, stop_at_eos=False))
@@ -127,6 +127,27 @@ def test_repetition_penalty_on_negative_logits_matches_hf_generate(tmp_path_fact
     ref = hf_generate(hf, prompt_ids, N_NEW, do_sample=False, repetition_penalty=penalty)
     assert_matches_hf(out.token_ids, ref, f"negative logits, repetition_penalty {penalty}")
     assert out.token_ids != plain.token_ids, f"repetition_penalty={penalty} did not change greedy output"
+
+
+def test_eos_ends_rows_like_hf_generate(tmp_path_factory):
+    """A model that meets <|endoftext|> within 64 tokens: each row stops where HF stops (eos not included
+    in the output), alone and in a batch whose rows stop at different steps; stop_at_eos=False goes on."""
+    m = make_model(tmp_path_factory, "tiny", init=TINY_INIT, variant="eos-prone")
+    params = SamplingParams.greedy(N_NEW, repetition_penalty=1.3)
+    hf = hf_model(m)
+    refs = [hf_generate(hf, p, N_NEW, do_sample=False, repetition_penalty=1.3) for p in PROMPT_IDS]
+    assert all(r[-1] == EOS and len(r) < N_NEW for r in refs), [len(r) for r in refs]
+    assert len({len(r) for r in refs}) == len(refs), "rows should stop at different steps"
+    with load_generator(m) as gen:
+        batch = gen.generate(PROMPT_IDS, params)
+        for p, ref, in_batch in zip(PROMPT_IDS, refs, batch):
+            alone = gen.generate(p, params)
+            for out in (alone, in_batch):
+                assert out.finish_reason == "eos"
+                assert out.token_ids == ref[:-1]
+                assert out.text == gen.decode(ref[:-1])
+            going_on = gen.generate(p, SamplingParams.greedy(N_NEW, repetition_penalty=1.3, stop_at_eos=False))
+            assert going_on.finish_reason == "length" and going_on.token_ids[:len(ref)] == ref
 
 
 # ---- batch == alone, stream == generate (tiny config: the loop, not the model, is under test) ----------
