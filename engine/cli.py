@@ -137,10 +137,12 @@ def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetitio
         raise InputError("give either a PROMPT or --batch-file (not both)")
     if batch_file is not None and stream:
         raise InputError("--stream takes a single PROMPT, not --batch-file")
+    if stream and timings:
+        raise InputError("--timings reports a whole generate call; drop --stream to see them")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
                             top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
                             stop=tuple(stop))
-    prompts = [prompt] if prompt is not None else [line.rstrip("\n") for line in batch_file if line.strip()]
+    prompts = [prompt] if prompt is not None else [line.rstrip("\r\n") for line in batch_file if line.strip()]
     if not prompts:
         raise InputError("--batch-file holds no prompts (one per line)")
     directory = resolve_model_dir(model, precision=precision, init=init)

@@ -154,9 +154,6 @@ BROKEN = {  # kind -> what the error must say
     "truncated-model-onnx": "model.onnx",
     "manifest-disagrees-with-graph": "model.onnx",
 }
-ORT_LOAD_BUG = pytest.mark.xfail(strict=True, reason=(
-    "engine/backends/ort.py OrtBackend.__init__ lets ONNX Runtime's InvalidProtobuf escape from "
-    "InferenceSession(...): a corrupt model.onnx gives a traceback, not an ArtifactError"))
 
 
 @pytest.fixture(scope="module")
@@ -174,14 +171,8 @@ def broken(tmp_path_factory, tiny_model):
     return dirs
 
 
-GRAPH_CHECK_BUG = pytest.mark.xfail(strict=True, reason=(
-    "engine/backends/ort.py OrtBackend never checks the graph's inputs against the manifest: a manifest "
-    "that names more layers than model.onnx has fails later in bind_ortvalue_input with a RuntimeError"))
-
-
 def _kinds():
-    marks = {"truncated-model-onnx": ORT_LOAD_BUG, "manifest-disagrees-with-graph": GRAPH_CHECK_BUG}
-    return [pytest.param(k, marks=marks[k]) if k in marks else k for k in BROKEN]
+    return list(BROKEN)
 
 
 @pytest.mark.parametrize("kind", _kinds())

@@ -16,7 +16,7 @@ import numpy as np
 
 from engine import artifact as io
 from engine.artifact import Artifact
-from engine.errors import BackendUnavailable
+from engine.errors import ArtifactError, BackendUnavailable
 
 _NP_DTYPE = {"float32": np.float32, "float16": np.float16}
 
@@ -28,6 +28,19 @@ class OrtCache:
     buffers: list          # OrtValues, one per (layer, key|value), in cache_io_pairs order
     binding: object        # the IO binding with the cache already bound
     arrays: list           # numpy views of CPU buffers (None on CUDA): what tests inspect
+
+
+def _check_io(session, artifact: Artifact) -> None:
+    """The graph must have exactly the inputs/outputs that the manifest's config implies: the runtime
+    binds by those names."""
+    spec = io.io_spec(artifact.config, artifact.precision)
+    for kind, actual in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
+        declared = {t["name"] for t in spec[kind]}
+        names = {t.name for t in actual}
+        if declared != names:
+            diff = sorted(declared ^ names)[0]
+            raise ArtifactError(f"{artifact.path}: model.onnx and manifest.json disagree on graph {kind} "
+                                f"(e.g. {diff!r}): the directory mixes two exports; re-run `gpt2-engine export`")
 
 
 class OrtBackend:
@@ -56,7 +69,13 @@ class OrtBackend:
             providers = ["CPUExecutionProvider"]
         else:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        self.session = ort.InferenceSession(str(artifact.model_path), so, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(artifact.model_path), so, providers=providers)
+        except Exception as e:  # ORT raises InvalidProtobuf, Fail, RuntimeException... for bad files
+            raise ArtifactError(f"{artifact.model_path} cannot be loaded by ONNX Runtime ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200]}): the file is truncated or corrupt; re-run "
+                                "`gpt2-engine export`") from None
+        _check_io(self.session, artifact)
         self._ort = ort
         self._cache_dtype = _NP_DTYPE[artifact.manifest["cache"]["dtype"]]
         self._pairs = io.cache_io_pairs(self.config.n_layer)
