@@ -7,7 +7,6 @@ A click command of its own (engine/cli.py adds it to the `gpt2-engine` group); a
 from __future__ import annotations
 
 import datetime as _dt
-import functools
 import os
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from engine.errors import EngineError
+from engine.cli_errors import friendly_errors
 
 # The harness's vocabulary, repeated here so that loading the `gpt2-engine` group (every CLI call)
 # does not import the harness and numpy; tests/test_bench_harness.py checks the two agree.
@@ -30,17 +29,6 @@ QUICK_POSITIONS = (16, 256, 900)
 # under 5 minutes from nothing (random checkpoint, export, CT2 conversion, reference, all runners).
 QUICK = {"models": ("gpt2",), "batches": (1,), "prompt_lens": (32,), "new_tokens": (32,), "repeats": 3,
          "position_list": QUICK_POSITIONS}
-
-
-def _friendly(fn):
-    """Anticipated errors become one line and exit code 1, as in engine/cli.py."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except EngineError as e:
-            raise click.ClickException(str(e)) from None
-    return wrapper
 
 
 def run_bench(*args, **kwargs):
@@ -108,7 +96,7 @@ def _model_spec(model: str, init: str, seed: int, init_range: float):
               help="Where random checkpoints, exports and CT2 conversions are kept for reuse "
                    "(default: $GPT2_ENGINE_CACHE/bench, i.e. ~/.cache/gpt2-engine/bench).")
 @click.pass_context
-@_friendly
+@friendly_errors
 def bench(ctx, models, init, seed, init_range, batches, prompt_lens, new_tokens, backends, peers, peer_list,
           threads, repeats, warmup, positions, position_list, quick, out, work_dir):
     """Benchmark the engine: TTFT, ms/token, tokens/s (p50/p90/p99), memory, decode vs context,

@@ -6,28 +6,12 @@ no traceback reaches the user for an error we anticipated.
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from engine.errors import EngineError
-
-
-def _friendly(fn):
-    """Turn anticipated errors into one-line messages with a non-zero exit code."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except EngineError as e:
-            raise click.ClickException(str(e)) from None
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-    return wrapper
+from engine.cli_errors import friendly_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,7 +32,7 @@ def main() -> None:
               help="Attention as one ONNX Attention node (default for fp32/ONNX Runtime) or elementary ops "
                    "(default for fp16/TensorRT).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-@_friendly
+@friendly_errors
 def export(model, out, precision, init, seed, init_range, attention, force):
     """Export MODEL (a HF checkpoint directory or a name: gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2)."""
     from export.exporter import export_model
@@ -82,7 +66,7 @@ def _print_info(path: Path) -> None:
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-@_friendly
+@friendly_errors
 def inspect(directory, as_json):
     """Print what a model directory holds."""
     from engine.artifact import load_artifact
@@ -124,7 +108,7 @@ main.add_command(bench)
 @click.option("--init", type=click.Choice(["random"]), default=None,
               help="When MODEL is a size name: random weights (no download).")
 @click.option("--timings", is_flag=True, help="Print load / prefill / decode timings to stderr.")
-@_friendly
+@friendly_errors
 def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy, seed, stop,
              stream, batch_file, truncate, backend, device, threads, precision, init, timings):
     """Generate text from PROMPT with MODEL: a model directory, or a name exported on first use into
@@ -174,7 +158,7 @@ def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetitio
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
               help="Timing cache file (default: DIR/engines/timing.cache).")
 @click.option("--force", is_flag=True, help="Rebuild even if a matching engine exists.")
-@_friendly
+@friendly_errors
 def build(directory, max_batch, max_prompt, capacity, timing_cache, force):
     """Compile DIR's fp16 ONNX graph into a TensorRT engine for this GPU (needs tensorrt >= 10.15 and a GPU)."""
     from engine.trt_build import build_engine
