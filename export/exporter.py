@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -37,17 +38,23 @@ def _version() -> str:
         return "0+unknown"
 
 
-def _prepare_out(out: Path, force: bool) -> Path:
-    """Fail early, before minutes of work, if --out cannot be written; return the temp directory."""
+def _prepare_out(out: Path, force: bool) -> tuple[Path, Path | None]:
+    """Fail early, before minutes of work, if --out cannot be written.
+
+    Returns the temp directory and the topmost parent directory this call created (removed again if
+    the export fails, so a failure leaves nothing behind)."""
     if out.exists() and not out.is_dir():
         raise EngineError(f"--out {out} is a file: choose a directory path")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise EngineError(f"--out {out} exists and is not empty: choose another path or pass --force to replace it")
     parent = out.resolve().parent
+    created = next((p for p in reversed([parent, *parent.parents]) if not p.exists()), None)
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent)), created
     except OSError as e:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         raise EngineError(f"cannot write to {parent} ({e.strerror}): choose a writable --out") from None
 
 
@@ -76,7 +83,8 @@ def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str 
     if attention not in ATTENTION_VARIANTS:
         raise EngineError(f"--attention must be one of {', '.join(ATTENTION_VARIANTS)}, got {attention!r}")
     out = Path(out)
-    tmp = _prepare_out(out, force)
+    tmp, created_parent = _prepare_out(out, force)
+    show_progress = show_progress and sys.stderr.isatty()  # no bar frames in logs
     t0 = time.perf_counter()
     try:
         with tqdm(total=4, desc="export", unit="step", disable=not show_progress, leave=False) as bar:
@@ -126,6 +134,8 @@ def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str 
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created_parent is not None:
+            shutil.rmtree(created_parent, ignore_errors=True)
         raise
     return out
 
