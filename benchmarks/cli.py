@@ -19,7 +19,7 @@ from engine.cli_errors import friendly_errors
 
 # The harness's vocabulary, repeated here so that loading the `gpt2-engine` group (every CLI call)
 # does not import the harness and numpy; tests/test_bench_harness.py checks the two agree.
-ENGINE_BACKENDS = ("ort", "ort-cuda", "trt")
+ENGINE_BACKENDS = ("ort", "ort-int8", "ort-cuda", "trt")
 PEERS = ("hf", "ct2", "ct2-int8")
 DEFAULT_PEERS = ("hf", "ct2")
 DEFAULT_POSITIONS = (16, 128, 256, 512, 900, 1000)

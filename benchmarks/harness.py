@@ -46,7 +46,7 @@ from engine.errors import EngineError, InputError
 
 # --- what a run measures ------------------------------------------------------------------------
 
-ENGINE_BACKENDS = ("ort", "ort-cuda", "trt")
+ENGINE_BACKENDS = ("ort", "ort-int8", "ort-cuda", "trt")
 PEERS = ("hf", "ct2", "ct2-int8")
 DEFAULT_PEERS = ("hf", "ct2")
 DEFAULT_POSITIONS = (16, 128, 256, 512, 900, 1000)
@@ -67,7 +67,7 @@ BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "int8": 1}
 # CTranslate2 int8 quantizes weights only: the KV cache stays float32.
 KV_BYTES = {"fp32": 4, "fp16": 2, "int8": 4}
 # GPU backends run the fp16 artifact (DESIGN.md: fp16 is for GPUs; ORT CPU has no fp16 MatMul).
-ENGINE_PRECISION = {"ort": "fp32", "ort-cuda": "fp16", "trt": "fp16"}
+ENGINE_PRECISION = {"ort": "fp32", "ort-int8": "int8", "ort-cuda": "fp16", "trt": "fp16"}
 
 STATUS_FAILED_VALIDATION = "failed validation"
 
@@ -651,7 +651,7 @@ def _trt_available() -> str | None:
 
 def engine_spec(backend: str, model: PreparedModel, threads: int | None) -> RunnerSpec:
     precision = ENGINE_PRECISION[backend]
-    device = "cpu" if backend == "ort" else "cuda"
+    device = "cpu" if backend in ("ort", "ort-int8") else "cuda"
 
     def prepare() -> None:
         why = _ort_cuda_available() if backend == "ort-cuda" else _trt_available() if backend == "trt" else None
