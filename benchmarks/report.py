@@ -73,16 +73,8 @@ def _plot_decode_vs_position(plt, recs: list[BenchRecord], path: Path) -> Path |
     for r in series:
         pos, sec = zip(*r.per_position)
         ax.plot(pos, [s * 1e3 for s in sec], label=f"{r.label} b{r.batch}")
-    ax.set_xlabel("context position (tokens in cache)")
-    ax.set_ylabel("decode step, ms (median)")
-    ax.set_title("Decode latency vs context position")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish_line_plot(plt, fig, ax, path, "context position (tokens in cache)", "decode step, ms (median)",
+                             "Decode latency vs context position")
 
 
 def _plot_tokens_vs_batch(plt, recs: list[BenchRecord], path: Path) -> Path | None:
@@ -102,9 +94,13 @@ def _plot_tokens_vs_batch(plt, recs: list[BenchRecord], path: Path) -> Path | No
     batches = sorted({r.batch for rs in groups.values() for r in rs})
     ax.set_xticks(batches, [str(b) for b in batches])  # plain batch sizes, not powers of 2 notation
     ax.minorticks_off()
-    ax.set_xlabel("batch")
-    ax.set_ylabel("tokens/s (p50)")
-    ax.set_title("Throughput vs batch")
+    return _finish_line_plot(plt, fig, ax, path, "batch", "tokens/s (p50)", "Throughput vs batch")
+
+
+def _finish_line_plot(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
