@@ -142,8 +142,7 @@ class Generator:
         t0 = time.perf_counter()
         rows = self._rows(batch, params, truncate)
         timings = LoopTimings()
-        capacity = max(len(r.prompt_ids) + r.params.max_new_tokens for r in rows)
-        for _ in run_loop(self.backend, rows, capacity, self.config.eos_token_id, timings):
+        for _ in run_loop(self.backend, rows, _capacity(rows), self.config.eos_token_id, timings):
             pass
         outs = self._outputs(rows, timings, t0)
         return outs[0] if single else outs
@@ -157,8 +156,7 @@ class Generator:
         rows = self._rows([prompt], params, truncate)
         row = rows[0]
         hold = max((len(s) - 1 for s in row.params.stop), default=0)
-        capacity = len(row.prompt_ids) + row.params.max_new_tokens
-        for _ in run_loop(self.backend, rows, capacity, self.config.eos_token_id, LoopTimings()):
+        for _ in run_loop(self.backend, rows, _capacity(rows), self.config.eos_token_id, LoopTimings()):
             safe = len(row.text) if row.done else max(len(row.text) - hold, row.emitted)
             if safe > row.emitted:
                 yield row.text[row.emitted:safe]
@@ -181,6 +179,11 @@ class Generator:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _capacity(rows: list[RowState]) -> int:
+    """Cache slots a request needs: its longest prompt + new tokens (<= the context, checked earlier)."""
+    return max(len(r.prompt_ids) + r.params.max_new_tokens for r in rows)
 
 
 def default_cache_dir() -> Path:

@@ -136,7 +136,9 @@ def run_loop(backend: Backend, rows: list[RowState], capacity: int, eos_id: int,
 
 
 def _sample(logits: np.ndarray, rows: list[RowState]) -> np.ndarray:
-    contexts = [np.asarray(r.prompt_ids + r.generated, np.int64) for r in rows]
+    # Only the repetition penalty reads the context: skip the O(length) copy for every other row.
+    contexts = [np.asarray(r.prompt_ids + r.generated, np.int64)
+                if r.params.repetition_penalty != 1.0 and not r.done else None for r in rows]
     return sample_next(logits, [r.params for r in rows], contexts, [r.rng for r in rows])
 
 

@@ -177,13 +177,13 @@ def logits_to_probs(logits: np.ndarray, params: SamplingParams,
     return probs
 
 
-def sample_next(logits: np.ndarray, params: list[SamplingParams], contexts: list[np.ndarray],
+def sample_next(logits: np.ndarray, params: list[SamplingParams], contexts: list[np.ndarray | None],
                 rngs: list[np.random.Generator]) -> np.ndarray:
     """Pick each row's next token, with that row's parameters, context and RNG.
 
     logits:   float32 (B, V), the last position of each row
     params:   B SamplingParams; rows of one batch may differ
-    contexts: B int arrays, each row's prompt + generated ids (for the repetition penalty)
+    contexts: B int arrays, each row's prompt + generated ids (for the repetition penalty; None: no penalty)
     rngs:     B generators; a row left with one candidate (greedy, say) does not consume its RNG
     returns:  int64 (B,)
     """

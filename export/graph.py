@@ -155,11 +155,9 @@ def _attention_ops(g: _Graph, q: str, present_k: str, present_v: str, hs: int, c
     slot of the fixed-capacity cache under an additive causal mask. Attended length = the cache's
     static capacity, never a value computed from an input, which TensorRT would need as a shape tensor."""
     scores = g.op("MatMul", [q, g.op("Transpose", [present_k], perm=[0, 1, 3, 2])])  # (B, nh, T, S)
-    scores = g.op("Mul", [g.cast(scores, FLOAT) if g.compute != FLOAT else scores,
-                          g.const("scale", np.float32(1.0 / math.sqrt(hs)))])
+    scores = g.op("Mul", [_to_residual(g, scores), g.const("scale", np.float32(1.0 / math.sqrt(hs)))])
     probs = g.op("Softmax", [g.op("Add", [scores, ctx["mask"]])], axis=-1)          # (B, nh, T, S) fp32
-    if g.compute != FLOAT:
-        probs = g.cast(probs, g.compute)
+    probs = _to_compute(g, probs)
     return g.op("Transpose", [g.op("MatMul", [probs, present_v])], perm=[0, 2, 1, 3])  # (B, T, nh, hs)
 
 
@@ -168,14 +166,13 @@ def _mlp(g: _Graph, h: str, i: int, w: dict[str, np.ndarray]) -> str:
     g.scope = f"/{p}/c_fc"
     a = _linear(g, h, f"{p}.c_fc", w)                                               # (B, T, 4C)
     g.scope = f"/{p}/gelu"
-    a = _gelu_tanh(g, g.cast(a, FLOAT) if g.compute != FLOAT else a)
-    if g.compute != FLOAT:
-        a = g.cast(a, g.compute)
+    a = _to_compute(g, _gelu_tanh(g, _to_residual(g, a)))                       # GELU in fp32
     g.scope = f"/{p}/c_proj"
     return _linear(g, a, f"{p}.c_proj", w)                                          # (B, T, C)
 
 
 def _to_residual(g: _Graph, x: str) -> str:
+    """To fp32 (the residual stream, softmax, GELU); a no-op in the fp32 graph."""
     return g.cast(x, FLOAT) if g.compute != FLOAT else x
 
 
