@@ -79,6 +79,9 @@ def _model_spec(model: str, init: str, seed: int, init_range: float):
               help=f"Measure the peers ({', '.join(DEFAULT_PEERS)}) on the same weights and prompts.")
 @click.option("--peer", "peer_list", type=click.Choice(PEERS), multiple=True,
               help="Choose the peers instead of the default set; repeatable.")
+@click.option("--peer-max-batch", type=click.IntRange(min=1), default=None,
+              help="Time peers only up to this batch size (they take minutes at large batches); "
+                   "larger batches are recorded as skipped for them.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for every runner and the floor (default: physical cores).")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed runs per config.")
@@ -98,7 +101,7 @@ def _model_spec(model: str, init: str, seed: int, init_range: float):
 @click.pass_context
 @friendly_errors
 def bench(ctx, models, init, seed, init_range, batches, prompt_lens, new_tokens, backends, peers, peer_list,
-          threads, repeats, warmup, positions, position_list, quick, out, work_dir):
+          peer_max_batch, threads, repeats, warmup, positions, position_list, quick, out, work_dir):
     """Benchmark the engine: TTFT, ms/token, tokens/s (p50/p90/p99), memory, decode vs context,
     beside HF transformers, CTranslate2 and the memory-bandwidth floor, every output validated first.
 
@@ -119,7 +122,7 @@ def bench(ctx, models, init, seed, init_range, batches, prompt_lens, new_tokens,
     plan = Plan(batches=tuple(values["batches"]), prompt_lens=tuple(values["prompt_lens"]),
                 new_tokens=tuple(values["new_tokens"]), backends=tuple(dict.fromkeys(backends)),
                 peers=chosen_peers, threads=threads, repeats=values["repeats"], warmup=warmup,
-                positions=tuple(values["position_list"]) if positions else ())
+                positions=tuple(values["position_list"]) if positions else (), peer_max_batch=peer_max_batch)
     specs = [_model_spec(m, init, seed, init_range) for m in dict.fromkeys(values["models"])]
     out = out or Path("bench-results") / _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     t0 = time.perf_counter()

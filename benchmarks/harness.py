@@ -416,6 +416,7 @@ class Plan:
     warmup: int = 1
     positions: tuple[int, ...] = DEFAULT_POSITIONS   # () = no position sweep
     position_steps: int = POSITION_STEPS
+    peer_max_batch: int | None = None   # peers skip larger batches (they take minutes there); None = all
 
     def __post_init__(self):
         for name in ("batches", "prompt_lens", "new_tokens"):
@@ -432,6 +433,8 @@ class Plan:
                              f"peers {', '.join(PEERS)}")
         if self.positions and min(self.positions) < 1:
             raise InputError(f"positions must be >= 1, got {self.positions}")
+        if self.peer_max_batch is not None and self.peer_max_batch < 1:
+            raise InputError(f"peer_max_batch must be >= 1, got {self.peer_max_batch}")
 
     @property
     def configs(self) -> list[tuple[int, int, int]]:
@@ -537,6 +540,8 @@ def measure_runner(spec: RunnerSpec, model: PreparedModel, plan: Plan, reference
                               extra=dict(common_extra))
             if p + n > cfg.n_positions:
                 rec.status = f"skipped: prompt {p} + new tokens {n} > context {cfg.n_positions}"
+            elif spec.peer and plan.peer_max_batch is not None and b > plan.peer_max_batch:
+                rec.status = f"skipped: peers run up to batch {plan.peer_max_batch} (--peer-max-batch)"
             else:
                 prompts = prompt_ids(b, p, cfg.vocab_size, cfg.eos_token_id)
                 try:

@@ -28,9 +28,9 @@ def main() -> None:
               help="Random weights of the named size instead of a checkpoint (no download).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --init random.")
 @click.option("--init-range", type=float, default=0.02, show_default=True, help="Std of random weights.")
-@click.option("--attention", type=click.Choice(["fused", "ops"]), default=None,
-              help="Attention as one ONNX Attention node (default for fp32/ONNX Runtime) or elementary ops "
-                   "(default for fp16/TensorRT).")
+@click.option("--attention", type=click.Choice(["gqa", "fused", "ops"]), default=None,
+              help="gqa: ONNX Runtime's GroupQueryAttention (default for fp32/int8, CPU); fused: one standard "
+                   "ONNX Attention node (for ONNX Runtime CUDA); ops: elementary ops (default for fp16/TensorRT).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @friendly_errors
 def export(model, out, precision, init, seed, init_range, attention, force):

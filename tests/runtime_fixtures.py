@@ -60,7 +60,7 @@ _MADE: dict[tuple, Model] = {}
 
 
 def make_model(tmp_path_factory, size: str, seed: int = 0, init: float = DIVERSE_INIT,
-               variant: str | None = None) -> Model:
+               variant: str | None = None, attention: str | None = None) -> Model:
     """Save and export a random checkpoint of `size` ('tiny' or a SIZES key), once per session.
 
     variant "negative-logits": every logit below zero (measured max -25 on tiny), as in real GPT-2 whose
@@ -74,10 +74,10 @@ def make_model(tmp_path_factory, size: str, seed: int = 0, init: float = DIVERSE
     from export.exporter import export_model
 
     root = tmp_path_factory.getbasetemp() / "runtime-models"
-    key = (str(root), size, seed, init, variant)
+    key = (str(root), size, seed, init, variant, attention)
     if key not in _MADE:
         cfg = TINY if size == "tiny" else SIZES[size]
-        name = f"{size}-s{seed}-i{init}" + (f"-{variant}" if variant else "")
+        name = f"{size}-s{seed}-i{init}" + (f"-{variant}" if variant else "") + (f"-{attention}" if attention else "")
         weights = random_weights(cfg, seed, init)
         if variant in ("negative-logits", "eos-prone"):
             weights["wte.weight"][:, 0] += 3.0
@@ -88,7 +88,7 @@ def make_model(tmp_path_factory, size: str, seed: int = 0, init: float = DIVERSE
             raise ValueError(f"unknown variant {variant!r}")
         ckpt = save_checkpoint(root / "ckpt" / name, cfg, weights)
         del weights
-        art = export_model(str(ckpt), root / "art" / name, show_progress=False)
+        art = export_model(str(ckpt), root / "art" / name, show_progress=False, attention=attention)
         _MADE[key] = Model(name, cfg, seed, ckpt, Path(art))
     return _MADE[key]
 

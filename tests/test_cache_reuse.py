@@ -2,8 +2,10 @@
 
 (a) one `new_cache` per generate/stream call; ORT writes into the very numpy buffers that were bound
     (present output == past input == the numpy array), exactly at the slots the tokens occupy;
-(b) ORT never logs "copying past_cache to present_cache" during generation, while a plain
-    `session.run` with numpy feeds (no aliasing) does, in the same test: the check can fail;
+(b) with the standard-ops cache write (TensorScatter, attention "fused"), ORT never logs "copying
+    past_cache to present_cache" during generation, while a plain `session.run` with numpy feeds (no
+    aliasing) does, in the same test: the check can fail. (The default "gqa" graph has no such message:
+    (a)'s pointer and slot checks are its proof);
 (c) prefill + N single-token decode steps == one full forward over the same tokens (the test that
     catches cache-position bugs), for one row and for a right-padded batch.
 """
@@ -16,7 +18,7 @@ import pytest
 from engine.backends.ort import OrtBackend
 from engine.loop import decode_step, new_row, prefill
 from engine.sampling import SamplingParams
-from tests.runtime_fixtures import EOS, PROMPTS, tiny_gen, tiny_model  # noqa: F401 (fixtures)
+from tests.runtime_fixtures import EOS, PROMPTS, TINY_INIT, load_generator, make_model, tiny_gen, tiny_model  # noqa: F401 (fixtures)
 
 COPY_WARNING = "copying past_cache to present_cache"
 
@@ -88,7 +90,16 @@ def test_batch_rows_written_at_their_own_slots(tiny_gen, caches):
         assert not filled[b, max(T, fed + 1):].any(), f"row {b} written at {np.flatnonzero(filled[b])}"
 
 
-def test_no_cache_copy_warning_and_the_control_shows_it(tiny_gen, tiny_model, capfd):
+@pytest.fixture(scope="module")
+def tiny_fused_gen(tmp_path_factory):
+    gen = load_generator(make_model(tmp_path_factory, "tiny", init=TINY_INIT, attention="fused"))
+    yield gen
+    gen.close()
+
+
+def test_no_cache_copy_warning_and_the_control_shows_it(tiny_fused_gen, capfd):
+    tiny_gen = tiny_fused_gen
+    assert tiny_gen.backend.attention == "fused"
     import onnxruntime as ort
     ort.set_default_logger_severity(2)  # WARNING, ORT's default: the level the copy message is logged at
     capfd.readouterr()

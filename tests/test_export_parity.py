@@ -21,17 +21,19 @@ import onnx
 import pytest
 
 from engine import artifact as io
+from engine.errors import InputError
 from export.checkpoint import expected_shapes, sha256_file
 from tests.conftest import DIVERSE_INIT, PARITY_TOL, TINY, Case, free_hf, hf_logits, hf_model
 
-# The exporter's default fp32 graph (attention="fused", one ONNX Attention node per layer) on every case;
-# the elementary-ops attention (the fp16/TensorRT default) in fp32 on tiny, so both variants meet the oracle.
-FP32_CASES = [Case("tiny", 0), Case("tiny", 1), Case("tiny", 2), Case("tiny", 0, attention="ops"),
-              Case("gpt2", 0), Case("gpt2-medium", 0)]
-REAL = FP32_CASES[4:]
+# The exporter's default fp32 graph (attention="gqa", ORT GroupQueryAttention) on every case; the
+# standard ONNX Attention ("fused") and the elementary-ops attention (the fp16/TensorRT default) in fp32
+# on tiny, so every variant meets the oracle.
+FP32_CASES = [Case("tiny", 0), Case("tiny", 1), Case("tiny", 2), Case("tiny", 0, attention="fused"),
+              Case("tiny", 0, attention="ops"), Case("gpt2", 0), Case("gpt2-medium", 0)]
+REAL = FP32_CASES[5:]
 # The ragged batch and position 1023 exercise the same graph path at every size (and position 1023 needs
 # a 1024-token forward on both sides, ~30 s on gpt2-medium here): tiny and gpt2 cover them.
-SMALL = FP32_CASES[:5]
+SMALL = FP32_CASES[:6]
 # fp16 at the default init shares the fp32 cases' checkpoints and HF logits; at init 0.1 it is slow-marked.
 FP16_DIVERSE_CASES = [Case("gpt2", 0, DIVERSE_INIT), Case("gpt2-medium", 0, DIVERSE_INIT)]
 
@@ -189,9 +191,10 @@ def test_position_1024_is_refused_by_the_graph(zoo):
     with pytest.raises(RuntimeError, match="out of data bounds"):   # a cache with room for slot 1024
         be.forward(be.new_cache(1, CAPACITY + 1), one, np.array([1024]), np.array([[0]]))
     with pytest.raises(RuntimeError, match="out of data bounds"):   # a chunk that runs past 1023
-        be.forward(be.new_cache(1, CAPACITY), np.full((1, 3), EOT), np.array([1022]), np.array([[2]]))
-    # Past the cache's capacity (not the context), TensorScatter refuses instead of writing out of bounds.
-    with pytest.raises(RuntimeError, match="exceeds max_sequence_length"):
+        be.forward(be.new_cache(1, CAPACITY + 2), np.full((1, 3), EOT), np.array([1022]), np.array([[2]]))
+    # Past the cache's capacity (not the context), the backend refuses before the graph could write out
+    # of bounds.
+    with pytest.raises(InputError, match="within the cache capacity 8"):
         be.forward(be.new_cache(1, 8), np.full((1, 3), EOT), np.array([6]), np.array([[0]]))
     # ... and the same session still works afterwards.
     be.forward(be.new_cache(1, CAPACITY), one, np.array([1023]), np.array([[0]]))
@@ -273,7 +276,8 @@ def test_fp16_at_diverse_init(zoo, case):
 # ---- the graph and the manifest ------------------------------------------------------------------------
 
 # gpt2-medium's graph has the same form as gpt2's (one builder); checking its 1.4 GB file costs ~15 s.
-GRAPH_CASES = [(Case("tiny", 0), "fp32"), (Case("tiny", 0, attention="ops"), "fp32"), (Case("tiny", 0), "fp16"),
+GRAPH_CASES = [(Case("tiny", 0), "fp32"), (Case("tiny", 0, attention="fused"), "fp32"),
+               (Case("tiny", 0, attention="ops"), "fp32"), (Case("tiny", 0), "fp16"),
                (Case("gpt2", 0), "fp32"), (Case("gpt2", 0), "fp16")]
 _ONNX_DTYPE = {"int64": onnx.TensorProto.INT64, "float32": onnx.TensorProto.FLOAT,
                "float16": onnx.TensorProto.FLOAT16}
@@ -287,17 +291,22 @@ def test_graph_form_and_manifest_io(zoo, case, precision):
     onnx.checker.check_model(str(path))  # by path: also valid for graphs with external data
     model = onnx.load(str(path), load_external_data=False)
 
-    # One opset, default domain only: the same graph serves ORT and the TensorRT parser.
-    assert [(o.domain, o.version) for o in model.opset_import] == [("", io.OPSET)]
-    assert manifest["opset"] == io.OPSET == 24
-    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+    variant = manifest["attention"]  # "gqa": ORT GroupQueryAttention; "fused": ONNX Attention; "ops": MatMul/Softmax
+    assert variant == (case.attention or ("ops" if precision == "fp16" else "gqa"))
     ops = {n.op_type for n in model.graph.node}
-    assert "TensorScatter" in ops
-    variant = manifest.get("attention")  # "fused": ONNX Attention; "ops": MatMul/Softmax
-    if case.attention:
-        assert variant == case.attention
-    if variant is not None:
-        assert ("Attention" in ops) == (variant == "fused") and ("Softmax" in ops) == (variant == "ops")
+    assert ("Attention" in ops) == (variant == "fused") and ("Softmax" in ops) == (variant == "ops")
+    assert manifest["opset"] == io.OPSET == 24
+    if variant == "gqa":
+        # The ORT-only graph: one contrib op (GroupQueryAttention, which also writes the cache).
+        assert [(o.domain, o.version) for o in model.opset_import] == [("", io.OPSET), ("com.microsoft", 1)]
+        assert {n.op_type for n in model.graph.node if n.domain == "com.microsoft"} == {"GroupQueryAttention"}
+        assert {n.domain for n in model.graph.node} <= {"", "ai.onnx", "com.microsoft"}
+        assert "TensorScatter" not in ops
+    else:
+        # One opset, default domain only: the same graph serves ORT and the TensorRT parser.
+        assert [(o.domain, o.version) for o in model.opset_import] == [("", io.OPSET)]
+        assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+        assert "TensorScatter" in ops
 
     # The manifest's I/O spec is the graph's I/O: names (in order), dtypes, ranks, fixed and symbolic dims.
     spec = manifest["io"]
@@ -329,9 +338,9 @@ def test_graph_form_and_manifest_io(zoo, case, precision):
 
 # ---- the in-place cache write ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_cache_is_written_in_place_at_its_slots_only(zoo, capfd, precision):
-    case = Case("tiny", 0)
+@pytest.mark.parametrize("case,precision", [(Case("tiny", 0), "fp32"), (Case("tiny", 0, attention="fused"), "fp32"),
+                                            (Case("tiny", 0), "fp16")], ids=["gqa-fp32", "fused-fp32", "ops-fp16"])
+def test_cache_is_written_in_place_at_its_slots_only(zoo, capfd, case, precision):
     be = Loaded(zoo, case, precision).backend
     cfg = case.config
     B, S = 2, 16
@@ -356,6 +365,8 @@ def test_cache_is_written_in_place_at_its_slots_only(zoo, capfd, precision):
 
     step(rng.integers(0, cfg.vocab_size, (B, 3)), [2, 7], [slice(2, 5), slice(7, 10)])   # a chunk per row
     step(rng.integers(0, cfg.vocab_size, (B, 1)), [5, 10], [slice(5, 6), slice(10, 11)])  # a decode step
+    if be.attention == "gqa":
+        return  # GroupQueryAttention has no copy path to log: the writes seen in the bound arrays are the proof
     assert "copying past_cache" not in capfd.readouterr().err
 
     # The check can fail: a plain run (past and present not aliased) makes ORT copy and say so.

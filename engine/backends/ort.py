@@ -1,8 +1,9 @@
 """ONNX Runtime backend: CPU by default, the CUDA execution provider when asked for and present.
 
 The KV cache is allocated once per request and bound through IO binding as both the `past` input and
-the `present` output of every layer, so TensorScatter writes the new keys/values in place: a decode
-step copies neither the cache nor the weights, and only the requested logits come back to the host.
+the `present` output of every layer, so the graph (TensorScatter, or GroupQueryAttention in the "gqa"
+variant) writes the new keys/values in place: a decode step copies neither the cache nor the weights,
+and only the requested logits come back to the host.
 
 Thread safety: one InferenceSession is shared (ORT's `run` is thread-safe); each cache owns its own
 IO binding and buffers, so concurrent requests on different caches never share mutable state.
@@ -16,7 +17,7 @@ import numpy as np
 
 from engine import artifact as io
 from engine.artifact import Artifact
-from engine.errors import ArtifactError, BackendUnavailable
+from engine.errors import ArtifactError, BackendUnavailable, InputError
 
 _NP_DTYPE = {"float32": np.float32, "float16": np.float16}
 
@@ -60,6 +61,12 @@ class OrtBackend:
         so.inter_op_num_threads = 1
         if optimized_model_path:
             so.optimized_model_filepath = optimized_model_path
+        self.attention = artifact.manifest.get("attention")
+        if device == "cuda" and self.attention == "gqa":
+            # ORT's CUDA GroupQueryAttention takes fp16/bf16 only: an fp32 node would fall back to the
+            # CPU and copy the whole cache across PCIe every step.
+            raise ArtifactError(f"{artifact.path} was exported with attention 'gqa' (ONNX Runtime CPU); for "
+                                "the CUDA execution provider re-export with `gpt2-engine export --attention fused`")
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendUnavailable("backend 'ort' with device 'cuda' needs onnxruntime-gpu and a CUDA GPU: "
@@ -95,12 +102,39 @@ class OrtBackend:
                 ov = self._ort.OrtValue.ortvalue_from_shape_and_type(shape, self._cache_dtype, "cuda", 0)
                 arrays.append(None)
             binding.bind_ortvalue_input(past, ov)
-            binding.bind_ortvalue_output(present, ov)  # same buffer: TensorScatter writes in place
+            binding.bind_ortvalue_output(present, ov)  # same buffer: the graph writes in place
             buffers.append(ov)
         return OrtCache(batch, capacity, buffers, binding, arrays)
 
     def forward(self, cache: OrtCache, input_ids: np.ndarray, cache_positions: np.ndarray,
                 logits_indices: np.ndarray) -> np.ndarray:
+        B, T = input_ids.shape
+        if B and int(np.max(cache_positions)) + T > cache.capacity:
+            # Checked here, not left to the graph: GroupQueryAttention would write past the buffer.
+            raise InputError(f"cache_positions + new tokens must stay within the cache capacity {cache.capacity}, "
+                             f"got position {int(np.max(cache_positions))} with {T} new tokens")
+        if self.attention == "gqa" and B > 1 and T > 1 and np.any(cache_positions):
+            return self._forward_token_by_token(cache, input_ids, cache_positions, logits_indices)
+        return self._run(cache, input_ids, cache_positions, logits_indices)
+
+    def _forward_token_by_token(self, cache: OrtCache, input_ids: np.ndarray, cache_positions: np.ndarray,
+                                logits_indices: np.ndarray) -> np.ndarray:
+        """Several new tokens on top of a filled cache with batch > 1, which ORT's GroupQueryAttention
+        refuses (it takes either a first prompt or a batch of 1): one single-token step per position,
+        keeping the logits that were asked for. Only chunked prefill of a batch comes here."""
+        B, T = input_ids.shape
+        out = None
+        zero = np.zeros((B, 1), np.int64)
+        for t in range(T):
+            step = self._run(cache, input_ids[:, t:t + 1], cache_positions + t, zero)[:, 0]  # (B, V)
+            if out is None:
+                out = np.empty(logits_indices.shape + step.shape[-1:], step.dtype)          # (B, K, V)
+            rows, ks = np.nonzero(logits_indices == t)
+            out[rows, ks] = step[rows]
+        return out
+
+    def _run(self, cache: OrtCache, input_ids: np.ndarray, cache_positions: np.ndarray,
+             logits_indices: np.ndarray) -> np.ndarray:
         b = cache.binding
         b.bind_cpu_input(io.INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))            # (B, T)
         b.bind_cpu_input(io.CACHE_POSITIONS, np.ascontiguousarray(cache_positions, dtype=np.int64))  # (B,)
