@@ -72,6 +72,7 @@ class _Graph:
         self.scope = ""
         self.compute = compute_dtype  # dtype of matmul weights, activations and cache
         self.external = external
+        self.gemm_out_shape: str | None = None  # set: linear layers are 2-D Gemms reshaped to this
         self._counts: dict[str, int] = {}
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, name: str | None = None,
@@ -109,6 +110,12 @@ def _linear(g: _Graph, x: str, prefix: str, w: dict[str, np.ndarray]) -> str:
     """Conv1D: x @ W + b with W stored (in, out), exactly what MatMul consumes."""
     W = g.weight(f"{prefix}.weight", w[f"{prefix}.weight"], g.compute)
     b = g.weight(f"{prefix}.bias", w[f"{prefix}.bias"], g.compute)
+    if g.gemm_out_shape:
+        # fp32: one Gemm over the (B*T, in) rows adds the bias inside the GEMM, where MatMul + Add makes a
+        # second pass over the output (prefill 512 measured ~3% faster). int8 keeps MatMul + Add, the
+        # pattern the weight-only quantizer rewrites; fp16 keeps the graph TensorRT has been checked on.
+        flat = g.op("Reshape", [x, g.const("rows", np.array([-1, w[f"{prefix}.weight"].shape[0]], np.int64))])  # (B*T, in)
+        return g.op("Reshape", [g.op("Gemm", [flat, W, b]), g.gemm_out_shape])     # (B, T, out)
     return g.op("Add", [g.op("MatMul", [x, W]), b])
 
 
@@ -269,6 +276,9 @@ def build_decoder_graph(cfg: GPT2Config, weights: dict[str, np.ndarray], precisi
 def _build(cfg: GPT2Config, weights: dict[str, np.ndarray], precision: str, attention: str,
            progress: Callable[[int], None] | None, g: _Graph) -> onnx.ModelProto:
     ctx = _positions_and_mask(g, attention)
+    if precision == "fp32":
+        g.gemm_out_shape = g.op("Concat", [g.op("Shape", [io.INPUT_IDS]), g.const("last_dim", np.array([-1], np.int64))],
+                                axis=0)                                             # (3,) = [B, T, -1]
 
     # Embeddings: token + learned position, summed into the fp32 residual stream.
     g.scope = "/embeddings"
