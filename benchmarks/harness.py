@@ -41,8 +41,9 @@ from benchmarks.records import BenchRecord, write_jsonl
 from benchmarks.report import make_plots, markdown_table
 from benchmarks.peers import CT2Runner, HFRunner, Runner, RunTiming, hf_reference, quiet_transformers
 from benchmarks.stats import percentiles, rates, ratio
+from engine.artifact import is_current_export
 from engine.config import GPT2Config
-from engine.errors import EngineError, InputError
+from engine.errors import InputError
 
 # --- what a run measures ------------------------------------------------------------------------
 
@@ -288,7 +289,7 @@ class PreparedModel:
         else:
             from export.exporter import export_model
             path = self.work_dir / f"engine-{precision}"
-            if not _loadable(path):  # absent, or made by an older exporter: export again
+            if not is_current_export(path):  # absent, or made by an older exporter: export again
                 export_model(str(self.checkpoint_dir), path, precision=precision, force=True, show_progress=False)
         self.setup_s[f"export_{precision}"] = round(time.perf_counter() - t0, 2)
         self._artifacts[precision] = path
@@ -340,17 +341,6 @@ class PreparedModel:
                 (src / f.name).symlink_to(f.resolve())
         _write_tokenizer_files(src)
         return src
-
-
-def _loadable(artifact_dir: Path) -> bool:
-    from engine.artifact import load_artifact
-    if not (artifact_dir / "manifest.json").is_file():
-        return False
-    try:
-        load_artifact(artifact_dir)
-    except EngineError:
-        return False
-    return True
 
 
 def _write_tokenizer_files(directory: Path) -> None:

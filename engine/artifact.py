@@ -14,6 +14,9 @@ from engine.config import GPT2Config
 from engine.errors import ArtifactError
 
 FORMAT_VERSION = 1
+# Bumped whenever the exporter's default graph changes (2: GroupQueryAttention + Gemm for the CPU).
+# Old directories still load; exports the engine caches for itself are redone when it differs.
+GRAPH_VERSION = 2
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -139,3 +142,13 @@ def load_artifact(path: str | Path) -> Artifact:
         if not f.is_file():
             raise ArtifactError(f"{p} is incomplete: {f.name} is missing; re-run `gpt2-engine export`")
     return art
+
+
+def is_current_export(path: str | Path) -> bool:
+    """A loadable model directory made by this exporter's graph version: what the engine's own caches
+    (named models, the benchmark's work dir) may reuse instead of exporting again."""
+    try:
+        art = load_artifact(path)
+    except ArtifactError:
+        return False
+    return art.manifest.get("graph_version") == GRAPH_VERSION

@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from engine.artifact import Artifact, load_artifact
+from engine.artifact import Artifact, is_current_export, load_artifact
 from engine.errors import ArtifactError, InputError
 from engine.loop import LoopTimings, RowState, new_row, run_loop
 from engine.sampling import SamplingParams
@@ -207,7 +207,7 @@ def resolve_model_dir(model: str, precision: str = "fp32", init: str | None = No
         raise InputError(f"{model!r} is neither a model directory, a checkpoint directory, nor a known model name "
                          "(gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2)")
     target = (cache_dir or default_cache_dir()) / key
-    if not (target / "manifest.json").is_file():
+    if not is_current_export(target):  # absent, partial, or made by an older exporter: export again
         from export.exporter import export_model
         export_model(model, target, precision=precision, init=init, seed=seed, force=True,
                      show_progress=show_progress)

@@ -118,6 +118,7 @@ def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str 
                 "config": cfg.to_dict(),
                 "precision": precision,
                 "opset": io.OPSET,
+                "graph_version": io.GRAPH_VERSION,
                 "attention": attention,
                 "model_file": io.MODEL_FILE,
                 "external_data_file": EXTERNAL_DATA_FILE if external else None,

@@ -7,6 +7,7 @@ while exporting), so its manifest says "random" and the CLI must print the rando
 
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +17,7 @@ from click.testing import CliRunner
 
 import engine.config
 import export.exporter
+from engine.artifact import GRAPH_VERSION
 from engine.errors import InputError
 from engine.generator import Generator, resolve_model_dir
 from engine.sampling import SamplingParams
@@ -146,6 +148,18 @@ def test_model_name_is_exported_once_then_reused(exports, tmp_path):
     assert other != first and len(exports) == 2
     with Generator.from_pretrained(first) as g:
         assert g.artifact.is_random and g.config == TINY
+
+
+def test_cached_export_from_an_older_graph_version_is_redone(exports, tmp_path):
+    """An engine upgrade that changes the graph must not keep serving the old cached export."""
+    first = resolve_model_dir("distilgpt2", init="random", show_progress=False)
+    manifest = json.loads((first / "manifest.json").read_text())
+    assert manifest["graph_version"] == GRAPH_VERSION
+    manifest["graph_version"] = GRAPH_VERSION - 1
+    (first / "manifest.json").write_text(json.dumps(manifest))
+    assert resolve_model_dir("distilgpt2", init="random", show_progress=False) == first
+    assert len(exports) == 2, "a stale cached export was reused"
+    assert json.loads((first / "manifest.json").read_text())["graph_version"] == GRAPH_VERSION
 
 
 def test_checkpoint_directory_is_exported_once(exports, tiny_model):
