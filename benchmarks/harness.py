@@ -39,7 +39,7 @@ from benchmarks import conditions as cond
 from benchmarks import floor as fl
 from benchmarks.records import BenchRecord, write_jsonl
 from benchmarks.report import make_plots, markdown_table
-from benchmarks.peers import CT2Runner, HFRunner, Runner, RunTiming, hf_reference, quiet_transformers
+from benchmarks.peers import CT2Runner, HFRunner, Runner, RunTiming, hf_logits, hf_reference, quiet_transformers
 from benchmarks.stats import percentiles, rates, ratio
 from engine.artifact import is_current_export
 from engine.config import GPT2Config
@@ -63,6 +63,9 @@ VALIDATION_NEW_TOKENS = 16
 # first LOSSY_PREFIX greedy tokens must still agree, which a wrong prompt, wrong weights or a broken
 # cache (token 2 reads it) would not (chance agreement is ~1 in 50257 per token).
 LOSSY_PREFIX = 2
+# What a lossy runner costs in accuracy, stated beside its timings (not a gate): its logits against HF
+# fp32 at every position of one fixed random sequence, teacher-forced (both read the same tokens).
+ACCURACY_TOKENS = 128
 
 BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "int8": 1}
 # CTranslate2 int8 quantizes weights only: the KV cache stays float32.
@@ -149,6 +152,12 @@ class EngineRunner:
     def greedy(self, prompt, n):
         rows, _ = self._loop([prompt], n)
         return list(rows[0].generated)
+
+    def logits(self, ids):
+        T = len(ids)
+        cache = self.backend.new_cache(1, T)
+        return self.backend.forward(cache, np.asarray([ids], np.int64), np.zeros(1, np.int64),
+                                    np.arange(T)[None])[0]                      # (T, V)
 
     def run(self, prompts, n):
         return self._loop(prompts, n)[1]
@@ -456,14 +465,31 @@ def _short_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[:300]}" if msg else type(e).__name__
 
 
+def accuracy_ids(config: GPT2Config) -> np.ndarray:
+    """The fixed sequence lossy runners' accuracy is measured on: (ACCURACY_TOKENS,) int64."""
+    return prompt_ids(1, ACCURACY_TOKENS, config.vocab_size, config.eos_token_id)[0]
+
+
+def accuracy_figures(got: np.ndarray, ref: np.ndarray) -> dict:
+    """Teacher-forced accuracy of logits `got` against the reference `ref`, both (T, V)."""
+    err = np.abs(got.astype(np.float64) - ref)
+    spread = float(ref.std())
+    return {"argmax_agreement": round(float((got.argmax(-1) == ref.argmax(-1)).mean()), 4),
+            "max_abs_err": round(float(err.max()), 4), "max_abs_err_x_std": round(float(err.max()) / spread, 4),
+            "mean_abs_err_x_std": round(float(err.mean()) / spread, 5), "positions": int(ref.shape[0]),
+            "against": "HF fp32 logits, teacher-forced"}
+
+
 def measure_runner(spec: RunnerSpec, model: PreparedModel, plan: Plan, reference: list[int] | None,
                    validation_prompt: Sequence[int], *, conditions: dict | None = None, log: Callable[[str], None] = lambda s: None,
-                   progress: Callable[[str], None] = lambda s: None) -> list[BenchRecord]:
+                   progress: Callable[[str], None] = lambda s: None,
+                   accuracy_ref: np.ndarray | None = None) -> list[BenchRecord]:
     """Load, validate, time every configuration of ``plan`` and the position sweep for one runner.
 
     Always returns one record per configuration: timed ("ok"), or with the status that says why not
     ("skipped: ...", "failed: ...", "failed validation: ..."). ``progress`` is called once per
-    configuration (whatever its fate), ``log`` with human-readable notes.
+    configuration (whatever its fate), ``log`` with human-readable notes. For a lossy runner,
+    ``accuracy_ref`` (HF fp32 logits over ``accuracy_ids``) adds its accuracy figures to every record.
     """
     cfg = model.config
     base = dict(backend=spec.backend, model=model.name, precision=spec.precision, weights=model.weights,
@@ -512,6 +538,17 @@ def measure_runner(spec: RunnerSpec, model: PreparedModel, plan: Plan, reference
         except Exception as e:  # noqa: BLE001
             log(f"{spec.backend} {spec.precision}: failed during validation: {_short_error(e)}")
             return untimed(f"failed: validation run: {_short_error(e)}", {"load_s": load_s})
+        if spec.lossy and accuracy_ref is not None and hasattr(runner, "logits"):
+            try:
+                acc = accuracy_figures(runner.logits(accuracy_ids(cfg)), accuracy_ref)
+            except Exception as e:  # noqa: BLE001 -- a statement beside the timings, not a reason to stop
+                acc = {"error": _short_error(e)}
+                log(f"{spec.backend} {spec.precision}: accuracy not measured: {acc['error']}")
+            else:
+                log(f"{spec.backend} {spec.precision}: accuracy vs HF fp32 over {acc['positions']} teacher-forced "
+                    f"positions: argmax agreement {acc['argmax_agreement']:.1%}, max |logit error| "
+                    f"{acc['max_abs_err_x_std']:.3f} x logit std")
+            common_extra["accuracy"] = acc
         reason = validate_tokens(reference, got, LOSSY_PREFIX if spec.lossy else None)
         agree = matched_prefix(reference, got)
         common_extra["validation"] = {"matched_prefix": agree, "of": len(reference),
@@ -742,6 +779,26 @@ def ratios_table(records: list[BenchRecord]) -> str:
     return "\n".join(lines)
 
 
+def accuracy_table(records: list[BenchRecord]) -> str | None:
+    """One row per lossy runner and model: its accuracy figures (the same on every configuration)."""
+    seen: dict[tuple, dict] = {}
+    for r in records:
+        acc = (r.extra or {}).get("accuracy")
+        if acc:
+            seen.setdefault((r.backend, r.model, r.precision), acc)
+    if not seen:
+        return None
+    lines = ["| backend | model | precision | argmax agreement | max abs logit error | (x logit std) | mean (x std) |",
+             "|---|---|---|---|---|---|---|"]
+    for (backend, model, precision), a in seen.items():
+        if "error" in a:
+            lines.append(f"| {backend} | {model} | {precision} | not measured: {a['error']} | | | |")
+        else:
+            lines.append(f"| {backend} | {model} | {precision} | {a['argmax_agreement']:.1%} | {a['max_abs_err']:.3f} "
+                         f"| {a['max_abs_err_x_std']:.3f} | {a['mean_abs_err_x_std']:.4f} |")
+    return "\n".join(lines)
+
+
 @dataclass
 class BenchResult:
     records: list[BenchRecord]
@@ -761,6 +818,10 @@ def write_outputs(records: list[BenchRecord], out_dir: Path, header: str) -> Ben
     plots = make_plots(records, out_dir)
     md = ["# gpt2-engine bench", "", "```", header, "```", "", table, "",
           "## Engine vs peers and floor (p50; below 1x against a peer, the engine is faster)", "", rtable]
+    atable = accuracy_table(records)
+    if atable:
+        md += ["", f"## Lossy runners' accuracy (vs HF fp32 logits, teacher-forced on {ACCURACY_TOKENS} fixed "
+               "random tokens; not a gate)", "", atable]
     if plots:
         md += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     (out_dir / "table.md").write_text("\n".join(md) + "\n")
@@ -818,10 +879,14 @@ def run_bench(models: Sequence[ModelSpec], plan: Plan, out_dir: Path, *, work_ro
                 say(f"{model.name}: no reference (transformers/torch not installed: {e}); nothing is timed")
             specs = [engine_spec(b, model, threads) for b in plan.backends]
             specs += [peer_spec(p, model, threads) for p in plan.peers]
+            acc_ref = None
+            if reference is not None and any(s.lossy for s in specs):
+                acc_ref = hf_logits(model.checkpoint_dir, accuracy_ids(model.config), threads)
+                release_memory()
             for spec in specs:
                 bar.set_postfix_str(f"{model.name} {spec.backend} {spec.precision}: load + validate")
                 recs = measure_runner(spec, model, plan, reference, vprompt, conditions=conditions,
-                                      log=say, progress=step)
+                                      log=say, progress=step, accuracy_ref=acc_ref)
                 for r in recs:
                     if r.ok and r.device == "cpu":  # the floor is this CPU's; a GPU run has its own
                         r.floor = fl.floor_record(

@@ -74,6 +74,22 @@ def hf_reference(checkpoint_dir: Path, prompt: Sequence[int], n: int, threads: i
     return tokens
 
 
+def hf_logits(checkpoint_dir: Path, ids: Sequence[int], threads: int | None) -> np.ndarray:
+    """HF transformers' fp32 logits at every position of one sequence: (T, V). The reference that lossy
+    runners' accuracy is stated against."""
+    import torch
+    import transformers
+    quiet_transformers()
+    if threads:
+        torch.set_num_threads(threads)
+    model = transformers.GPT2LMHeadModel.from_pretrained(str(checkpoint_dir), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([list(ids)], dtype=torch.int64)).logits[0].numpy()
+    del model
+    gc.collect()
+    return out
+
+
 class HFRunner:
     """Hugging Face transformers GPT2LMHeadModel (torch CPU), a manual greedy loop over its KV cache.
 
@@ -180,6 +196,9 @@ class CT2Runner:
         row = self._loop(np.asarray([prompt]), n)[0][0]
         return [int(t) for t in row if t >= 0]
 
+    def logits(self, ids):
+        return np.asarray(self.gen.forward_batch([[self.vocab[int(t)] for t in ids]]))[0]   # (T, V)
+
     def run(self, prompts, n):
         return self._loop(prompts, n)[1]
 
@@ -191,4 +210,4 @@ class CT2Runner:
         self.gen = None
 
 
-__all__ = ["RunTiming", "Runner", "HFRunner", "CT2Runner", "hf_reference", "quiet_transformers"]
+__all__ = ["RunTiming", "Runner", "HFRunner", "CT2Runner", "hf_logits", "hf_reference", "quiet_transformers"]

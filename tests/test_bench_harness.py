@@ -3,6 +3,7 @@ run that writes every output, and the CLI's option handling. No test asserts a t
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -201,6 +202,37 @@ def test_peer_selection_and_checkpoint_dirs(monkeypatch, tmp_path, tiny):
     assert seen["plan"].peers == ()
     res = CliRunner().invoke(cli.bench, ["--model", "gpt3", "--out", str(tmp_path)])
     assert res.exit_code == 1 and "neither a checkpoint directory nor a model name" in res.output
+
+
+def test_lossy_runners_accuracy_is_stated_beside_their_timings(tiny, tmp_path):
+    """ort-int8 and ct2-int8 on tiny: teacher-forced figures against HF fp32 logits land in every record
+    and in table.md; they equal the figures computed here from the int8 graph directly, and a runner
+    with wrong logits (every argmax off by one) shows it."""
+    from benchmarks.harness import accuracy_figures, accuracy_ids, accuracy_table, engine_spec, peer_spec
+    from engine.artifact import load_artifact
+    from engine.backends.ort import OrtBackend
+    _, model, _, prompt, reference = tiny
+    ids = accuracy_ids(model.config)
+    ref = harness.hf_logits(model.checkpoint_dir, ids, threads=1)                   # (128, V)
+    plan = Plan(batches=(1,), prompt_lens=(8,), new_tokens=(3,), threads=1, repeats=1, warmup=0, positions=())
+    specs = [engine_spec("ort-int8", model, 1)]
+    if importlib.util.find_spec("ctranslate2"):
+        specs.append(peer_spec("ct2-int8", model, 1))
+    records = []
+    for spec in specs:
+        recs = measure_runner(spec, model, plan, reference, prompt, accuracy_ref=ref)
+        acc = recs[0].extra["accuracy"]
+        assert acc["positions"] == len(ids) == harness.ACCURACY_TOKENS and 0.5 < acc["argmax_agreement"] <= 1
+        assert 0 < acc["mean_abs_err_x_std"] < 0.5 and acc["max_abs_err_x_std"] > 0, acc
+        records += recs
+    be = OrtBackend(load_artifact(model.artifact("int8")), threads=1)
+    direct = be.forward(be.new_cache(1, len(ids)), ids[None], np.zeros(1, np.int64), np.arange(len(ids))[None])[0]
+    assert records[0].extra["accuracy"] == accuracy_figures(direct, ref)
+    assert accuracy_figures(np.roll(direct, 1, axis=-1), ref)["argmax_agreement"] < 0.05
+    table = accuracy_table(records)
+    assert "| engine-ort-int8 | tiny | int8 |" in table
+    harness.write_outputs(records, tmp_path, "H")
+    assert "Lossy runners' accuracy" in (tmp_path / "table.md").read_text()
 
 
 def test_records_round_trip_as_json(tiny, tmp_path):
