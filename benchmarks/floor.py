@@ -65,8 +65,9 @@ def blas_threads(threads: int) -> Iterator[bool]:
 def _best_time(fn, repeats: int) -> float:
     # Best of N: noise (interrupts, other processes, frequency dips) only ever adds time, so the
     # fastest pass is the closest estimate of what the hardware can do -- which is what a floor is.
-    # N is 20, not 5: on the shared 2-core VMs best-of-5 measured anywhere from 10 to 25 GB/s with
-    # 2 threads (CPU steal), best-of-20 stayed within 28-30 GB/s.
+    # N is 40-60, not 5: on the shared 2-core VMs best-of-5 measured anywhere from 10 to 25 GB/s with
+    # 2 threads (CPU steal); best-of-20 sgemm still read 111 and 176 GFLOP/s in two back-to-back calls,
+    # so the window is made longer than such slow phases (~1 s in all).
     fn()  # untimed: faults in pages, spins up BLAS threads
     best = math.inf
     for _ in range(repeats):
@@ -76,7 +77,7 @@ def _best_time(fn, repeats: int) -> float:
     return best
 
 
-def measure_memory_bandwidth(threads: int, buffer_mb: float = DEFAULT_BUFFER_MB, repeats: int = 20) -> float:
+def measure_memory_bandwidth(threads: int, buffer_mb: float = DEFAULT_BUFFER_MB, repeats: int = 40) -> float:
     """Sustained DRAM read bandwidth in GB/s (1e9 bytes/s), using ``threads`` BLAS threads.
 
     Access pattern: a float32 GEMV, ``x @ W`` with W a (buffer_mb / 4 KiB, 1024) matrix. That is the
@@ -101,7 +102,7 @@ def measure_memory_bandwidth(threads: int, buffer_mb: float = DEFAULT_BUFFER_MB,
 
 
 def measure_matmul_gflops(
-    threads: int, m: int = 512, k: int = 768, n: int = 3072, repeats: int = 20
+    threads: int, m: int = 512, k: int = 768, n: int = 3072, repeats: int = 60
 ) -> float:
     """fp32 SGEMM rate in GFLOP/s (1e9 FLOP/s) with ``threads`` BLAS threads.
 
