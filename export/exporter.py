@@ -82,6 +82,9 @@ def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str 
     attention = attention or default_attention(precision)
     if attention not in ATTENTION_VARIANTS:
         raise EngineError(f"--attention must be one of {', '.join(ATTENTION_VARIANTS)}, got {attention!r}")
+    if attention == "gqa" and precision == "fp16":
+        raise EngineError("--attention gqa (ONNX Runtime's CPU GroupQueryAttention) is for --precision fp32/int8; "
+                          "the fp16 graph is for TensorRT: leave --attention out (elementary ops) or use fused")
     out = Path(out)
     tmp, created_parent = _prepare_out(out, force)
     show_progress = show_progress and sys.stderr.isatty()  # no bar frames in logs

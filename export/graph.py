@@ -34,7 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 from engine import artifact as io
 from engine.config import GPT2Config
 
-FLOAT, FLOAT16, INT64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT64
+FLOAT, FLOAT16, INT32, INT64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT32, TensorProto.INT64
 # Large negative additive mask: finite so a fully masked row (never produced here) cannot yield NaN.
 MASK_VALUE = -1e30
 
@@ -224,7 +224,6 @@ def _positions_and_mask(g: _Graph, attention: str) -> dict[str, str]:
                 "kv_len": g.op("Add", [io.CACHE_POSITIONS, T1])}                    # (B,) keys per row
     if attention == "gqa":
         kv_len = g.op("Add", [io.CACHE_POSITIONS, T1])                              # (B,) keys per row
-        INT32 = TensorProto.INT32
         return {"variant": "gqa", "positions": positions,
                 "seqlens_k": g.cast(g.op("Sub", [kv_len, g.const("one_i64", np.array([1], np.int64))]), INT32),  # (B,) int32
                 "total_len": g.cast(g.op("ReduceMax", [kv_len], keepdims=0), INT32)}  # () int32
@@ -265,6 +264,9 @@ def build_decoder_graph(cfg: GPT2Config, weights: dict[str, np.ndarray], precisi
     attention = attention or default_attention(precision)
     if attention not in ATTENTION_VARIANTS:
         raise ValueError(f"attention must be one of {ATTENTION_VARIANTS}, got {attention!r}")
+    if attention == "gqa" and precision == "fp16":
+        raise ValueError("attention 'gqa' (ONNX Runtime's CPU GroupQueryAttention) is for the fp32/int8 graphs; "
+                         "the fp16 graph is TensorRT's: use attention 'ops' (its default) or 'fused'")
     external = ExternalData(external_data) if external_data else None
     try:
         return _build(cfg, weights, precision, attention, progress, _Graph(FLOAT16 if precision == "fp16" else FLOAT, external))

@@ -140,6 +140,14 @@ def test_bad_precision_is_a_usage_error(tiny_checkpoint, out):
     assert not out.exists()
 
 
+def test_gqa_attention_with_fp16_is_refused(tiny_checkpoint, out):
+    proc = run_cli("export", tiny_checkpoint, "--out", out, "--precision", "fp16", "--attention", "gqa")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and "fp32/int8" in lines[0] and "TensorRT" in lines[0], proc.stderr
+    assert not out.exists()
+
+
 # ---- good inputs --------------------------------------------------------------------------------------
 
 def test_export_then_inspect_then_force(tmp_path, tiny_checkpoint):

@@ -109,12 +109,13 @@ class OrtBackend:
     def forward(self, cache: OrtCache, input_ids: np.ndarray, cache_positions: np.ndarray,
                 logits_indices: np.ndarray) -> np.ndarray:
         B, T = input_ids.shape
+        cache_positions = np.asarray(cache_positions, np.int64)                  # (B,)
         if B and int(np.max(cache_positions)) + T > cache.capacity:
             # Checked here, not left to the graph: GroupQueryAttention would write past the buffer.
             raise InputError(f"cache_positions + new tokens must stay within the cache capacity {cache.capacity}, "
                              f"got position {int(np.max(cache_positions))} with {T} new tokens")
         if self.attention == "gqa" and B > 1 and T > 1 and np.any(cache_positions):
-            return self._forward_token_by_token(cache, input_ids, cache_positions, logits_indices)
+            return self._forward_token_by_token(cache, input_ids, cache_positions, np.asarray(logits_indices))
         return self._run(cache, input_ids, cache_positions, logits_indices)
 
     def _forward_token_by_token(self, cache: OrtCache, input_ids: np.ndarray, cache_positions: np.ndarray,
