@@ -86,6 +86,7 @@ def _plot_tokens_vs_batch(plt, recs: list[BenchRecord], path: Path) -> Path | No
     if not groups:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # a full bench has ~18 lines: the default 10 colours repeat
     for (label, prompt, new, _), rs in groups.items():
         rs.sort(key=lambda r: r.batch)
         ax.plot([r.batch for r in rs], [r.tokens_per_s["p50"] for r in rs], marker="o",
