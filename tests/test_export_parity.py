@@ -8,8 +8,8 @@ fp16 (the TensorRT graph, run on ORT CPU, fp16 cache) against HF fp32: logits wi
 by the logits' spread, the same argmax on >= 99% of 341 positions, no NaN/Inf. At init 0.02 in the
 default suite (random-token prompts give diverse argmaxes there); at init 0.1, where fp16 itself is
 measurably less accurate (HF's own fp16 too), with the measured bounds, slow-marked.
-Plus the graph's form (default domain, one opset, checker), the manifest's I/O spec against the
-graph, and the in-place cache write.
+Plus the graph's form (default domain and one opset, except the CPU graphs' GroupQueryAttention;
+checker), the manifest's I/O spec against the graph, and the in-place cache write.
 """
 
 from __future__ import annotations
