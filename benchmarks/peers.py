@@ -48,6 +48,9 @@ class Runner(Protocol):
     def close(self) -> None:
         ...
 
+    # Lossy runners (engine int8, CTranslate2 int8) also have `logits(ids) -> (T, V)`: one sequence's
+    # logits at every position, for the accuracy figures (harness.accuracy_figures).
+
 
 def quiet_transformers() -> None:
     """No per-tensor 'Loading weights' bars or deprecation chatter over the bench's own progress bar."""
