@@ -235,6 +235,21 @@ def test_lossy_runners_accuracy_is_stated_beside_their_timings(tiny, tmp_path):
     assert "Lossy runners' accuracy" in (tmp_path / "table.md").read_text()
 
 
+def test_position_sweep_runs_up_then_down_and_takes_the_median_of_both_passes():
+    """Drift control: positions are timed ascending, then descending; each median uses both passes."""
+    calls = []
+
+    class Drifting:  # gets 1 ms slower per call, whatever the position
+        def step_times_at(self, prompts, steps):
+            calls.append(prompts.shape[1])
+            return [len(calls) * 1e-3] * steps
+
+    plan = Plan(positions=(16, 256, 1000), position_steps=2)
+    per_pos, _ = harness._position_sweep(Drifting(), TINY, 1, plan, harness.PeakRss())
+    assert calls == [16, 256, 1000, 1000, 256, 16]
+    assert per_pos == [[16, 3.5e-3], [256, 3.5e-3], [1000, 3.5e-3]]  # drift cancels: flat, as it should be
+
+
 def test_records_round_trip_as_json(tiny, tmp_path):
     _, model, _, prompt, reference = tiny
     recs = measure_runner(_engine_spec(model, ShiftedBackend), model, PLAN, reference, prompt)
