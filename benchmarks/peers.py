@@ -59,14 +59,20 @@ def quiet_transformers() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def hf_reference(checkpoint_dir: Path, prompt: Sequence[int], n: int, threads: int | None) -> list[int]:
-    """The reference: HF transformers `generate`, greedy, exactly n new tokens."""
+def load_hf_model(checkpoint_dir: Path, threads: int | None):
+    """GPT2LMHeadModel in fp32, eval mode, torch limited to `threads`: the reference and the HF peer."""
     import torch
     import transformers
     quiet_transformers()
     if threads:
         torch.set_num_threads(threads)
-    model = transformers.GPT2LMHeadModel.from_pretrained(str(checkpoint_dir), dtype=torch.float32).eval()
+    return transformers.GPT2LMHeadModel.from_pretrained(str(checkpoint_dir), dtype=torch.float32).eval()
+
+
+def hf_reference(checkpoint_dir: Path, prompt: Sequence[int], n: int, threads: int | None) -> list[int]:
+    """The reference: HF transformers `generate`, greedy, exactly n new tokens."""
+    import torch
+    model = load_hf_model(checkpoint_dir, threads)
     ids = torch.tensor([list(prompt)], dtype=torch.int64)
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
@@ -81,11 +87,7 @@ def hf_logits(checkpoint_dir: Path, ids: Sequence[int], threads: int | None) -> 
     """HF transformers' fp32 logits at every position of one sequence: (T, V). The reference that lossy
     runners' accuracy is stated against."""
     import torch
-    import transformers
-    quiet_transformers()
-    if threads:
-        torch.set_num_threads(threads)
-    model = transformers.GPT2LMHeadModel.from_pretrained(str(checkpoint_dir), dtype=torch.float32).eval()
+    model = load_hf_model(checkpoint_dir, threads)
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([list(ids)], dtype=torch.int64)).logits[0].numpy()
     del model
@@ -105,11 +107,8 @@ class HFRunner:
     def __init__(self, checkpoint_dir: Path, threads: int | None):
         import torch
         import transformers
-        quiet_transformers()
-        if threads:
-            torch.set_num_threads(threads)
         self.torch = torch
-        self.model = transformers.GPT2LMHeadModel.from_pretrained(str(checkpoint_dir), dtype=torch.float32).eval()
+        self.model = load_hf_model(checkpoint_dir, threads)
         import inspect
         params = inspect.signature(self.model.forward).parameters
         # transformers 5.x renamed `past_key_values` to `cache` (the old name warns, then goes away).

@@ -22,7 +22,7 @@ from engine import artifact as io
 from engine.errors import CheckpointError, EngineError
 from export.checkpoint import Checkpoint, random_checkpoint, resolve_checkpoint, sha256_file
 from export.quantize import quantize_weights_int8
-from export.graph import ATTENTION_VARIANTS, build_decoder_graph, default_attention
+from export.graph import build_decoder_graph, resolve_attention
 from export.tokenizer import tokenizer_for_checkpoint
 
 # Protobuf cannot hold more than 2 GB: past this the weights go to model.onnx.data.
@@ -79,12 +79,10 @@ def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str 
         raise EngineError(f"--precision must be one of {', '.join(io.PRECISIONS)}, got {precision!r}")
     if init not in (None, "random"):
         raise EngineError(f"--init must be 'random' (or omitted for real weights), got {init!r}")
-    attention = attention or default_attention(precision)
-    if attention not in ATTENTION_VARIANTS:
-        raise EngineError(f"--attention must be one of {', '.join(ATTENTION_VARIANTS)}, got {attention!r}")
-    if attention == "gqa" and precision == "fp16":
-        raise EngineError("--attention gqa (ONNX Runtime's CPU GroupQueryAttention) is for --precision fp32/int8; "
-                          "the fp16 graph is for TensorRT: leave --attention out (elementary ops) or use fused")
+    try:
+        attention = resolve_attention(precision, attention)
+    except ValueError as e:
+        raise EngineError(str(e)) from None
     out = Path(out)
     tmp, created_parent = _prepare_out(out, force)
     show_progress = show_progress and sys.stderr.isatty()  # no bar frames in logs

@@ -248,6 +248,18 @@ def default_attention(precision: str) -> str:
     return "ops" if precision == "fp16" else "gqa"
 
 
+def resolve_attention(precision: str, attention: str | None) -> str:
+    """The attention variant to build: the precision's default, or `attention` if it fits; ValueError
+    (a message for users) otherwise."""
+    attention = attention or default_attention(precision)
+    if attention not in ATTENTION_VARIANTS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_VARIANTS)}, got {attention!r}")
+    if attention == "gqa" and precision == "fp16":
+        raise ValueError("attention 'gqa' (ONNX Runtime's CPU GroupQueryAttention) is for the fp32/int8 graphs; "
+                         "the fp16 graph is for TensorRT: use attention 'ops' (its default) or 'fused'")
+    return attention
+
+
 def build_decoder_graph(cfg: GPT2Config, weights: dict[str, np.ndarray], precision: str = "fp32",
                         attention: str | None = None,
                         progress: Callable[[int], None] | None = None,
@@ -261,12 +273,7 @@ def build_decoder_graph(cfg: GPT2Config, weights: dict[str, np.ndarray], precisi
     """
     if precision not in io.PRECISIONS:
         raise ValueError(f"precision must be one of {io.PRECISIONS}, got {precision!r}")
-    attention = attention or default_attention(precision)
-    if attention not in ATTENTION_VARIANTS:
-        raise ValueError(f"attention must be one of {ATTENTION_VARIANTS}, got {attention!r}")
-    if attention == "gqa" and precision == "fp16":
-        raise ValueError("attention 'gqa' (ONNX Runtime's CPU GroupQueryAttention) is for the fp32/int8 graphs; "
-                         "the fp16 graph is TensorRT's: use attention 'ops' (its default) or 'fused'")
+    attention = resolve_attention(precision, attention)
     external = ExternalData(external_data) if external_data else None
     try:
         return _build(cfg, weights, precision, attention, progress, _Graph(FLOAT16 if precision == "fp16" else FLOAT, external))
