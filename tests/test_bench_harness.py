@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from benchmarks import harness
-from benchmarks.harness import (LOSSY_PREFIX, EngineRunner, ModelSpec, Plan, RunnerSpec, Skipped, measure_runner,
+from benchmarks.harness import (LOSSY_MIN_AGREEMENT, LOSSY_TIE_X_STD, EngineRunner, ModelSpec, Plan, RunnerSpec, Skipped, measure_runner,
                                 prepare_model, validate_tokens)
 from benchmarks.records import read_jsonl
 from engine.config import GPT2Config
@@ -38,14 +38,32 @@ def test_gate_refuses_wrong_lengths():
     assert validate_tokens([5, 6, 7], []) is not None
 
 
-def test_lossy_gate_checks_the_prefix_only():
-    ref = list(range(100, 116))
-    drift = ref[:LOSSY_PREFIX] + [0] * (16 - LOSSY_PREFIX)
-    assert validate_tokens(ref, drift, min_prefix=LOSSY_PREFIX) is None
-    assert validate_tokens(ref, drift) is not None
-    assert validate_tokens(ref, [ref[0] + 1] + ref[1:], min_prefix=LOSSY_PREFIX) is not None
+def test_exact_gate_needs_a_reference():
     with pytest.raises(ValueError):
         validate_tokens([], [1])
+
+
+def test_cache_path_gaps_measure_each_token_below_its_own_best():
+    prompt_len, V = 3, 5
+    logits = np.zeros((prompt_len + 2, V))          # predicts tokens 0..2 from rows 2, 3, 4
+    logits[2, 1] = 4.0                               # token 0: best is 1
+    logits[3, 2], logits[3, 4] = 3.0, 2.9            # token 1: best 2, runner-up 4 (a near tie)
+    logits[4, 0] = 1.0                               # token 2: best 0
+    std = logits.std()
+    gaps = harness.cache_path_gaps(prompt_len, [1, 4, 3], logits)
+    assert np.allclose(gaps, [0.0, 0.1 / std, 1.0 / std])
+    with pytest.raises(ValueError, match="rows"):
+        harness.cache_path_gaps(prompt_len, [1, 4, 3, 2], logits)
+
+
+def test_lossy_gate_takes_accuracy_and_the_cache_path_not_token_luck():
+    ok = {"argmax_agreement": 0.52}
+    assert harness.validate_lossy(ok, [7, 8], np.array([0.0, LOSSY_TIE_X_STD / 2])) is None   # a near tie
+    why = harness.validate_lossy({"argmax_agreement": LOSSY_MIN_AGREEMENT / 2}, [7, 8], np.zeros(2))
+    assert why is not None and "agreement with HF fp32" in why and "wrong weights" in why
+    why = harness.validate_lossy(ok, [7, 8], np.array([0.0, 3.0]))
+    assert why is not None and "greedy token 1 (8)" in why and "cache path" in why
+    assert "could not be measured" in harness.validate_lossy({"error": "boom"}, [7], np.zeros(1))
 
 
 # ---- the per-runner path -------------------------------------------------------------------------
@@ -224,6 +242,7 @@ def test_lossy_runners_accuracy_is_stated_beside_their_timings(tiny, tmp_path):
         acc = recs[0].extra["accuracy"]
         assert acc["positions"] == len(ids) == harness.ACCURACY_TOKENS and 0.5 < acc["argmax_agreement"] <= 1
         assert 0 < acc["mean_abs_err_x_std"] < 0.5 and acc["max_abs_err_x_std"] > 0, acc
+        assert [r.status for r in recs] == ["ok"], recs[0].status    # and the lossy gate let it through
         records += recs
     be = OrtBackend(load_artifact(model.artifact("int8")), threads=1)
     direct = be.forward(be.new_cache(1, len(ids)), ids[None], np.zeros(1, np.int64), np.arange(len(ids))[None])[0]
@@ -233,6 +252,41 @@ def test_lossy_runners_accuracy_is_stated_beside_their_timings(tiny, tmp_path):
     assert "| engine-ort-int8 | tiny | int8 |" in table
     harness.write_outputs(records, tmp_path, "H")
     assert "Lossy runners' accuracy" in (tmp_path / "table.md").read_text()
+
+
+class CacheAmnesiaBackend(ShiftedBackend):
+    """A real backend that wipes the KV cache before every decode step: its prompt path is right, its
+    cache path is not (what a misplaced or unbound cache looks like)."""
+
+    def forward(self, cache, input_ids, cache_positions, logits_indices):
+        if input_ids.shape[1] == 1:
+            for arr in cache.arrays:
+                arr[...] = 0
+        return self.inner.forward(cache, input_ids, cache_positions, logits_indices)
+
+
+def _lossy_spec(model, backend_cls=None) -> RunnerSpec:
+    spec = _engine_spec(model, backend_cls)
+    return RunnerSpec("engine-lossy", "int8", "cpu", spec.load, lossy=True, threads=1)
+
+
+def test_lossy_gate_refuses_a_broken_cache_and_times_an_honest_runner(tiny):
+    """Through measure_runner: the same weights pass the lossy gate (timed, the gate's figures
+    recorded) and, with the cache wiped before each decode step, fail it on the cache path."""
+    _, model, _, prompt, reference = tiny
+    ref = harness.hf_logits(model.checkpoint_dir, harness.accuracy_ids(model.config), threads=1)
+    plan = Plan(batches=(1,), prompt_lens=(8,), new_tokens=(3,), threads=1, repeats=1, warmup=0, positions=())
+    good = measure_runner(_lossy_spec(model), model, plan, reference, prompt, accuracy_ref=ref)
+    assert [r.status for r in good] == ["ok"]
+    v = good[0].extra["validation"]
+    assert v["gate"].startswith("lossy") and v["max_gap_x_std"] < 1e-3 and v["matched_prefix"] == 16
+    assert good[0].extra["accuracy"]["argmax_agreement"] == 1.0
+    bad = measure_runner(_lossy_spec(model, CacheAmnesiaBackend), model, plan, reference, prompt, accuracy_ref=ref)
+    assert bad[0].status.startswith("failed validation: ") and "cache path" in bad[0].status, bad[0].status
+    assert bad[0].extra["validation"]["max_gap_x_std"] > LOSSY_TIE_X_STD
+    assert bad[0].extra["accuracy"]["argmax_agreement"] == 1.0   # the prompt path alone cannot tell
+    none = measure_runner(_lossy_spec(model), model, plan, reference, prompt, accuracy_ref=None)
+    assert none[0].status.startswith("failed validation: ") and "HF fp32 logits" in none[0].status
 
 
 def test_position_sweep_runs_up_then_down_and_takes_the_median_of_both_passes():
