@@ -176,27 +176,32 @@ class EngineRunner:
         return list(rows[0].generated)
 
     def logits(self, ids):
-        T = len(ids)
-        cache = self.backend.new_cache(1, T)
-        return self.backend.forward(cache, np.asarray([ids], np.int64), np.zeros(1, np.int64),
-                                    np.arange(T)[None])[0]                      # (T, V)
+        from engine.loop import sequence_logits
+        return sequence_logits(self.backend, np.asarray(ids, np.int64))        # (T, V)
 
     def run(self, prompts, n):
         return self._loop(prompts, n)[1]
 
-    def step_times_at(self, prompts, steps):
+    def decode_stepper(self, prompts, steps):
+        """Prefill ``prompts`` (untimed); return a function that runs and times one more decode step
+        (up to ``steps`` calls): what lets the position sweep interleave positions."""
         from engine.loop import decode_step, prefill
         rows = self._rows(prompts, 1)
         p = prompts.shape[1]
         cache = self.backend.new_cache(len(rows), p + steps)
-        tokens = prefill(self.backend, cache, rows, pad_id=self.config.eos_token_id).argmax(-1)   # (B,)
-        out = []
-        for i in range(steps):
+        state = {"tokens": prefill(self.backend, cache, rows, pad_id=self.config.eos_token_id).argmax(-1), "i": 0}
+
+        def step() -> float:
             t0 = time.perf_counter()
-            logits = decode_step(self.backend, cache, tokens.astype(np.int64), np.full(len(rows), p + i, np.int64))
-            tokens = logits.argmax(-1)                                                             # (B,)
-            out.append(time.perf_counter() - t0)
-        return out
+            logits = decode_step(self.backend, cache, state["tokens"].astype(np.int64),
+                                 np.full(len(rows), p + state["i"], np.int64))
+            state["tokens"], state["i"] = logits.argmax(-1), state["i"] + 1                         # (B,)
+            return time.perf_counter() - t0
+        return step
+
+    def step_times_at(self, prompts, steps):
+        step = self.decode_stepper(prompts, steps)
+        return [step() for _ in range(steps)]
 
     def close(self):
         self.backend.close()
@@ -679,17 +684,33 @@ def _time_config(rec: BenchRecord, runner: Runner, prompts: np.ndarray, n: int, 
 
 
 def _position_sweep(runner: Runner, cfg: GPT2Config, batch: int, plan: Plan, rss: PeakRss):
+    """Median decode-step time at each of ``plan.positions``: [[position, seconds], ...], and peak RSS.
+
+    Runners with a ``decode_stepper`` (the engine, HF) are interleaved: every position is prefilled
+    once, then the sweep takes one step at each position per round, 2 x position_steps rounds,
+    alternating direction. Bursts of load on a shared machine then land on every position alike
+    (a block-per-position sweep read 1.35x for 1000 vs 16 in one run where an interleaved loop read
+    1.15x). Others (CTranslate2, whose token stream runs ahead in its own thread) get blocks of steps
+    per position, up then down, each position's median over both passes.
+    """
     rss.reset()
     steps = plan.position_steps
-    order = [p for p in sorted(set(plan.positions)) if p + steps <= cfg.n_positions]  # room for the steps
+    rounds = 2 * steps
+    order = [p for p in sorted(set(plan.positions)) if p + rounds <= cfg.n_positions]  # room for the steps
     times: dict[int, list[float]] = {p: [] for p in order}
-    # Up, then down: on a machine that drifts slower or faster during the sweep a single ascending
-    # pass biases the ratio of the last position to the first (a 1000/16 ratio read 1.34x in one
-    # pass, 1.23x interleaved); each position's median is over both passes.
-    for pos in order + order[::-1]:
-        prompts = prompt_ids(batch, pos, cfg.vocab_size, cfg.eos_token_id)
-        times[pos] += runner.step_times_at(prompts, steps)
+    if hasattr(runner, "decode_stepper"):
+        steppers = {p: runner.decode_stepper(prompt_ids(batch, p, cfg.vocab_size, cfg.eos_token_id), rounds)
+                    for p in order}
         rss.sample()
+        for r in range(rounds):
+            for pos in (order if r % 2 == 0 else order[::-1]):
+                times[pos].append(steppers[pos]())
+        rss.sample()
+    else:
+        for pos in order + order[::-1]:
+            prompts = prompt_ids(batch, pos, cfg.vocab_size, cfg.eos_token_id)
+            times[pos] += runner.step_times_at(prompts, steps)
+            rss.sample()
     return [[p, float(np.median(times[p]))] for p in order], rss.peak_mb()
 
 

@@ -49,7 +49,9 @@ class Runner(Protocol):
         ...
 
     # Lossy runners (engine int8, CTranslate2 int8) also have `logits(ids) -> (T, V)`: one sequence's
-    # logits at every position, for the accuracy figures (harness.accuracy_figures).
+    # logits at every position, for the accuracy figures and the lossy gate (harness.accuracy_figures).
+    # Runners that can hold several prefilled caches at once (the engine, HF) also have
+    # `decode_stepper(prompts, steps) -> () -> seconds`, which lets the position sweep interleave.
 
 
 def quiet_transformers() -> None:
@@ -145,17 +147,23 @@ class HFRunner:
     def run(self, prompts, n):
         return self._loop(prompts, n)[1]
 
-    def step_times_at(self, prompts, steps):
+    def decode_stepper(self, prompts, steps):
+        """Prefill (untimed); return a function that runs and times one more decode step."""
         torch = self.torch
+        cache = self._new_cache()
         with torch.inference_mode():
-            cache = self._new_cache()
-            tok = self._forward(torch.from_numpy(np.ascontiguousarray(prompts, dtype=np.int64)), cache)
-            out = []
-            for _ in range(steps):
+            state = {"tok": self._forward(torch.from_numpy(np.ascontiguousarray(prompts, dtype=np.int64)), cache)}
+
+        def step() -> float:
+            with torch.inference_mode():
                 t0 = time.perf_counter()
-                tok = self._forward(tok[:, None], cache)
-                out.append(time.perf_counter() - t0)
-        return out
+                state["tok"] = self._forward(state["tok"][:, None], cache)
+                return time.perf_counter() - t0
+        return step
+
+    def step_times_at(self, prompts, steps):
+        step = self.decode_stepper(prompts, steps)
+        return [step() for _ in range(steps)]
 
     def close(self):
         self.model = None

@@ -21,7 +21,7 @@ import numpy as np
 
 from engine.artifact import Artifact, is_current_export, load_artifact
 from engine.errors import ArtifactError, InputError
-from engine.loop import LoopTimings, RowState, new_row, run_loop
+from engine.loop import LoopTimings, RowState, new_row, run_loop, sequence_logits
 from engine.sampling import SamplingParams
 
 TRUNCATE_MODES = ("error", "left")
@@ -164,12 +164,10 @@ class Generator:
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits at every position of one sequence (e.g. for perplexity): float32 (T, V)."""
-        ids = np.asarray([list(token_ids)], np.int64)                              # (1, T)
-        T = ids.shape[1]
+        T = len(token_ids)
         if not 0 < T <= self.max_context:
             raise InputError(f"sequence length must be in [1, {self.max_context}], got {T}")
-        cache = self.backend.new_cache(1, T)
-        return self.backend.forward(cache, ids, np.zeros(1, np.int64), np.arange(T)[None])[0]  # (T, V)
+        return sequence_logits(self.backend, np.asarray(list(token_ids), np.int64))         # (T, V)
 
     def close(self) -> None:
         self.backend.close()

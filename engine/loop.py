@@ -72,6 +72,20 @@ def prefill(backend: Backend, cache, rows: list[RowState], pad_id: int) -> np.nd
     return out
 
 
+def sequence_logits(backend: Backend, token_ids: np.ndarray) -> np.ndarray:
+    """Logits at every position of one sequence (teacher-forced, e.g. for perplexity): (T, V).
+
+    Chunked by the backend's prefill limit (`max_prompt`) as `prefill` is, on one cache of T slots.
+    """
+    ids = np.asarray(token_ids, np.int64)[None]                              # (1, T)
+    T = ids.shape[1]
+    chunk = int(getattr(backend, "max_prompt", 0) or T)
+    cache = backend.new_cache(1, T)
+    parts = [backend.forward(cache, ids[:, s:s + chunk], np.full(1, s, np.int64),
+                             np.arange(min(chunk, T - s))[None])[0] for s in range(0, T, chunk)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)          # (T, V)
+
+
 def decode_step(backend: Backend, cache, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """Feed one token per row at its slot; return the next logits (B, V)."""
     zero = np.zeros((len(tokens), 1), np.int64)                              # (B, 1): the only new token

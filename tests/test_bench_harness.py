@@ -304,6 +304,40 @@ def test_position_sweep_runs_up_then_down_and_takes_the_median_of_both_passes():
     assert per_pos == [[16, 3.5e-3], [256, 3.5e-3], [1000, 3.5e-3]]  # drift cancels: flat, as it should be
 
 
+def test_position_sweep_interleaves_runners_that_can_hold_several_caches():
+    """Runners with a decode_stepper: each position prefilled once, then one step per position per
+    round, alternating direction; a burst of load lands on every position alike."""
+    calls, opened = [], []
+
+    class Stepping:
+        def decode_stepper(self, prompts, steps):
+            p = prompts.shape[1]
+            opened.append((p, steps))
+
+            def step():
+                calls.append(p)
+                return 1.0 if len(calls) in (4, 5, 6) else 1e-3   # one burst: the 2nd round
+            return step
+
+    plan = Plan(positions=(16, 256, 1000), position_steps=2)
+    per_pos, _ = harness._position_sweep(Stepping(), TINY, 1, plan, harness.PeakRss())
+    assert opened == [(16, 4), (256, 4), (1000, 4)]
+    assert calls == [16, 256, 1000, 1000, 256, 16, 16, 256, 1000, 1000, 256, 16]
+    assert per_pos == [[16, 1e-3], [256, 1e-3], [1000, 1e-3]]
+
+
+def test_engine_decode_stepper_continues_the_greedy_sequence(tiny):
+    """The stepper the sweep times decodes what generation decodes: its steps follow greedy tokens."""
+    _, model, _, prompt, reference = tiny
+    runner = _engine_spec(model).load()
+    seen = []
+    forward = runner.backend.forward
+    runner.backend.forward = lambda cache, x, pos, idx: seen.append((int(x[0, -1]), int(pos[0]))) or forward(cache, x, pos, idx)
+    step = runner.decode_stepper(np.asarray([prompt]), 3)
+    assert all(step() > 0 for _ in range(3))
+    assert [t for t, _ in seen[1:]] == reference[:3] and [p for _, p in seen[1:]] == [len(prompt) + i for i in range(3)]
+
+
 def test_records_round_trip_as_json(tiny, tmp_path):
     _, model, _, prompt, reference = tiny
     recs = measure_runner(_engine_spec(model, ShiftedBackend), model, PLAN, reference, prompt)

@@ -45,3 +45,22 @@ def test_chunked_prefill_logits_match(generator):
     finally:
         del be.max_prompt
     np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [4, 7])
+def test_sequence_logits_are_chunked_by_the_prompt_limit(generator, chunk):
+    """Generator.logits (teacher-forced, every position) on a backend with a prompt limit: one forward
+    per chunk, continuing in the same cache, equals the one-shot forward."""
+    ids = generator.encode("the cat sat on the mat and then it sat on the hat " * 2)
+    whole = generator.logits(ids)
+    calls = []
+    be = generator.backend
+    forward = be.forward
+    be.max_prompt = chunk
+    be.forward = lambda cache, x, *a: calls.append(x.shape[1]) or forward(cache, x, *a)
+    try:
+        chunked = generator.logits(ids)
+    finally:
+        del be.max_prompt, be.forward
+    assert max(calls) <= chunk and sum(calls) == len(ids) == whole.shape[0]
+    np.testing.assert_allclose(chunked, whole, atol=1e-4)
