@@ -568,14 +568,13 @@ def measure_runner(spec: RunnerSpec, model: PreparedModel, plan: Plan, reference
             return untimed(f"failed: validation run: {_short_error(e)}", {"load_s": load_s})
         agree = matched_prefix(reference, got)
         if spec.lossy:
-            reason, verdict = _validate_lossy_runner(runner, cfg, validation_prompt, got, accuracy_ref)
-            if "accuracy" in verdict:
-                common_extra["accuracy"] = verdict.pop("accuracy")
-                acc = common_extra["accuracy"]
-                if "error" not in acc:
-                    log(f"{spec.backend} {spec.precision}: accuracy vs HF fp32 over {acc['positions']} teacher-forced "
-                        f"positions: argmax agreement {acc['argmax_agreement']:.1%}, max |logit error| "
-                        f"{acc['max_abs_err_x_std']:.3f} x logit std")
+            reason, verdict, acc = _validate_lossy_runner(runner, cfg, validation_prompt, got, accuracy_ref)
+            if acc is not None:
+                common_extra["accuracy"] = acc
+            if acc and "error" not in acc:
+                log(f"{spec.backend} {spec.precision}: accuracy vs HF fp32 over {acc['positions']} teacher-forced "
+                    f"positions: argmax agreement {acc['argmax_agreement']:.1%}, max |logit error| "
+                    f"{acc['max_abs_err_x_std']:.3f} x logit std")
         else:
             reason, verdict = validate_tokens(reference, got), {"gate": "exact"}
         common_extra["validation"] = {"matched_prefix": agree, "of": len(reference), **verdict}
@@ -632,19 +631,21 @@ def measure_runner(spec: RunnerSpec, model: PreparedModel, plan: Plan, reference
 
 
 def _validate_lossy_runner(runner: Runner, cfg: GPT2Config, prompt: Sequence[int], got: list[int],
-                           accuracy_ref: np.ndarray | None) -> tuple[str | None, dict]:
-    """The lossy gate (see LOSSY_MIN_AGREEMENT) on a loaded runner: (why it fails or None, what to record)."""
+                           accuracy_ref: np.ndarray | None) -> tuple[str | None, dict, dict | None]:
+    """The lossy gate (see LOSSY_MIN_AGREEMENT) on a loaded runner: (why it fails or None, the gate's
+    record, the accuracy figures or None when they could not be asked for)."""
     verdict: dict = {"gate": f"lossy: agreement >= {LOSSY_MIN_AGREEMENT}, cache-path gap <= {LOSSY_TIE_X_STD} x std"}
     if accuracy_ref is None or not hasattr(runner, "logits"):
-        return "a lossy runner needs teacher-forced logits (a `logits` method) and HF fp32 logits to be checked", verdict
+        return ("a lossy runner needs teacher-forced logits (a `logits` method) and HF fp32 logits to be checked",
+                verdict, None)
+    acc = None
     try:
-        verdict["accuracy"] = accuracy_figures(runner.logits(accuracy_ids(cfg)), accuracy_ref)
+        acc = accuracy_figures(runner.logits(accuracy_ids(cfg)), accuracy_ref)
         gaps = cache_path_gaps(len(prompt), got, runner.logits(list(prompt) + got[:-1]))
     except Exception as e:  # noqa: BLE001 -- recorded as the reason it was not timed
-        verdict.setdefault("accuracy", {"error": _short_error(e)})
-        return f"teacher-forced logits failed: {_short_error(e)}", verdict
+        return f"teacher-forced logits failed: {_short_error(e)}", verdict, acc or {"error": _short_error(e)}
     verdict["max_gap_x_std"] = round(float(gaps.max()), 4)
-    return validate_lossy(verdict["accuracy"], got, gaps), verdict
+    return validate_lossy(acc, got, gaps), verdict, acc
 
 
 def release_memory() -> None:
