@@ -1,4 +1,4 @@
-"""`gpt2-engine`: export, inspect, generate, bench, build.
+"""`gpt2-engine`: export, inspect, generate, bench, bench-kernels, build.
 
 Every EngineError becomes one line on stderr and exit code 1 (2 for usage errors, from click);
 no traceback reaches the user for an error we anticipated.
@@ -79,9 +79,10 @@ def inspect(directory, as_json):
 
 main.add_command(inspect, name="info")
 
-from benchmarks.cli import bench  # noqa: E402  (the harness itself is imported only when bench runs)
+from benchmarks.cli import bench, bench_kernels  # noqa: E402  (the harness is imported only when they run)
 
 main.add_command(bench)
+main.add_command(bench_kernels)
 
 
 @main.command()

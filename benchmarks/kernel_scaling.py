@@ -1,0 +1,248 @@
+"""How far ONNX Runtime's own CPU kernels let a batched decode step scale: the decoder's kernels timed
+alone, in the model's shapes, at batch 1 and batch B, without the engine.
+
+A decode step of the CPU graph is, by time, the linear layers (Gemm over every weight, the LM head
+included: ~90% of a step) and attention over each row's cached keys/values (GroupQueryAttention).
+This probe times exactly those kernels on random weights:
+
+  linear     per layer c_attn -> attn.c_proj -> c_fc -> mlp.c_proj as 2-D Gemms, chained so each waits
+             for the last as in the model (a Slice takes c_attn's first C columns), then the LM head
+             (transB Gemm over a (V, C) matrix, as the graph runs it); M = batch rows
+  attention  one GroupQueryAttention node per layer, each over its own cache, every row at `position`
+             (batch 1 reads one row's keys/values, batch B reads B rows')
+
+and reports each part's batch-B time over its batch-1 time, and `kernel_scaling` = B x (linear(1) +
+attention(1)) / (linear(B) + attention(B)): the tokens/s ratio a decode step made only of these kernels
+would reach. The engine's real ratio also carries LayerNorm, GELU, per-op and Python costs, and the
+bench's tokens/s includes the prefill; if the engine's decode steps scale about as well as this
+figure, batch scaling is bounded by the kernels, not by the graph around them.
+
+Times are best-of-N over interleaved rounds (floor.py's reasoning: noise only adds time). Weights are
+streamed into an external-data file as they are drawn, so no size exists twice in Python memory.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from engine.config import GPT2Config
+from export.graph import ExternalData
+
+FLOAT, INT32, INT64 = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64
+OPSET = 21
+
+
+def layer_weights(cfg: GPT2Config, rng: np.random.Generator) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """One block's linear layers in model order: (name, W (in, out), bias (out,)). Weights std 0.02 as
+    GPT-2's init; biases std 1 keep activations O(1) through any depth (no denormals, which would
+    slow the kernels and falsify the timing)."""
+    C = cfg.n_embd
+    shapes = (("c_attn", C, 3 * C), ("attn.c_proj", C, C), ("c_fc", C, 4 * C), ("mlp.c_proj", 4 * C, C))
+    return [(name, rng.standard_normal((k, n), np.float32) * np.float32(0.02), rng.standard_normal(n, np.float32))
+            for name, k, n in shapes]
+
+
+def lm_head_weight(cfg: GPT2Config, rng: np.random.Generator) -> np.ndarray:
+    return rng.standard_normal((cfg.vocab_size, cfg.n_embd), np.float32) * np.float32(0.02)  # (V, C)
+
+
+def _const(name: str, value: np.ndarray, inits: list) -> str:
+    inits.append(onnx.numpy_helper.from_array(value, name))
+    return name
+
+
+def linear_model(cfg: GPT2Config, seed: int, external: ExternalData) -> onnx.ModelProto:
+    """x (M, C) -> logits (M, V) through every linear layer of the decoder (see the module docstring).
+    Weights are drawn from `seed` in the order layer_weights / lm_head_weight give (the tests redo it)."""
+    rng = np.random.default_rng(seed)
+    C = cfg.n_embd
+    nodes, inits = [], []
+    starts, ends, axis1 = (_const(n, np.array([v], np.int64), inits) for n, v in (("starts", 0), ("ends", C), ("axis1", 1)))
+    h = "x"                                                                          # (M, C)
+    for i in range(cfg.n_layer):
+        for name, W, b in layer_weights(cfg, rng):
+            key = f"h.{i}.{name}"
+            inits += [external.tensor(f"{key}.weight", W), external.tensor(f"{key}.bias", b)]
+            nodes.append(helper.make_node("Gemm", [h, f"{key}.weight", f"{key}.bias"], [f"{key}/out"], name=key))
+            h = f"{key}/out"                                                         # (M, out)
+            if name == "c_attn":  # attn.c_proj reads C columns, as it reads attention's (M, C) output
+                nodes.append(helper.make_node("Slice", [h, starts, ends, axis1], [f"{key}/q"], name=f"{key}/Slice"))
+                h = f"{key}/q"                                                       # (M, C)
+    inits.append(external.tensor("lm_head.weight", lm_head_weight(cfg, rng)))       # (V, C)
+    nodes.append(helper.make_node("Gemm", [h, "lm_head.weight"], ["logits"], name="lm_head", transB=1))  # (M, V)
+    graph = helper.make_graph(nodes, "linear_layers", [helper.make_tensor_value_info("x", FLOAT, ["M", C])],
+                              [helper.make_tensor_value_info("logits", FLOAT, ["M", cfg.vocab_size])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 10
+    return model
+
+
+def attention_model(cfg: GPT2Config) -> onnx.ModelProto:
+    """One GroupQueryAttention per layer (as the CPU graph has), each over its own past/present cache
+    (B, nh, S, hs), sharing the packed qkv (B, 1, 3C) of a decode step."""
+    nh, hs, C = cfg.n_head, cfg.head_dim, cfg.n_embd
+    inputs = [helper.make_tensor_value_info("qkv", FLOAT, ["B", 1, 3 * C]),
+              helper.make_tensor_value_info("seqlens_k", INT32, ["B"]),
+              helper.make_tensor_value_info("total_len", INT32, [])]
+    nodes, outputs = [], []
+    for i in range(cfg.n_layer):
+        cache = ["B", nh, "S", hs]
+        inputs += [helper.make_tensor_value_info(f"past_key.{i}", FLOAT, cache),
+                   helper.make_tensor_value_info(f"past_value.{i}", FLOAT, cache)]
+        nodes.append(helper.make_node("GroupQueryAttention",
+                                      ["qkv", "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_len"],
+                                      [f"y.{i}", f"present_key.{i}", f"present_value.{i}"], name=f"h.{i}.attn",
+                                      domain="com.microsoft", num_heads=nh, kv_num_heads=nh))
+        outputs += [helper.make_tensor_value_info(f"y.{i}", FLOAT, ["B", 1, C]),
+                    helper.make_tensor_value_info(f"present_key.{i}", FLOAT, cache),
+                    helper.make_tensor_value_info(f"present_value.{i}", FLOAT, cache)]
+    graph = helper.make_graph(nodes, "attention", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    return model
+
+
+def _session(model_path: str | bytes, threads: int):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(model_path, so, providers=["CPUExecutionProvider"])
+
+
+class LinearRunner:
+    """The linear layers at a given M; `__call__` runs one pass."""
+
+    def __init__(self, cfg: GPT2Config, threads: int, seed: int, work_dir: Path):
+        path = work_dir / "linear.onnx"
+        external = ExternalData(work_dir / "linear.weights")
+        try:
+            model = linear_model(cfg, seed, external)
+        finally:
+            external.close()
+        onnx.save(model, path)
+        self.session = _session(str(path), threads)
+        self.cfg = cfg
+
+    def inputs(self, rows: int, seed: int = 1) -> dict[str, np.ndarray]:
+        return {"x": np.random.default_rng(seed).standard_normal((rows, self.cfg.n_embd), np.float32)}  # (M, C)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(None, feeds)[0]                                      # (M, V)
+
+
+class AttentionRunner:
+    """GroupQueryAttention over `batch` rows at `position` (each row attends over position + 1 slots:
+    its cache plus the step's own key/value, written in place at slot `position`)."""
+
+    def __init__(self, cfg: GPT2Config, threads: int):
+        self.cfg = cfg
+        self.session = _session(attention_model(cfg).SerializeToString(), threads)
+
+    def bind(self, batch: int, position: int, seed: int = 2):
+        """An IO binding with random caches (B, nh, position + 1, hs), past and present aliased as the
+        engine binds them; returns (binding, the numpy caches it writes into, the qkv it reads)."""
+        import onnxruntime as ort
+        cfg = self.cfg
+        rng = np.random.default_rng(seed)
+        binding = self.session.io_binding()
+        qkv = rng.standard_normal((batch, 1, 3 * cfg.n_embd), np.float32)            # (B, 1, 3C)
+        binding.bind_cpu_input("qkv", qkv)
+        binding.bind_cpu_input("seqlens_k", np.full(batch, position, np.int32))      # total - 1, per row
+        binding.bind_cpu_input("total_len", np.array(position + 1, np.int32))
+        caches = []
+        for i in range(cfg.n_layer):
+            binding.bind_output(f"y.{i}", "cpu")  # before the caches: outputs come back in binding order
+            for past, present in ((f"past_key.{i}", f"present_key.{i}"), (f"past_value.{i}", f"present_value.{i}")):
+                arr = rng.standard_normal((batch, cfg.n_head, position + 1, cfg.head_dim), np.float32)  # (B, nh, S, hs)
+                ov = ort.OrtValue.ortvalue_from_numpy(arr)
+                binding.bind_ortvalue_input(past, ov)
+                binding.bind_ortvalue_output(present, ov)
+                caches.append(arr)
+        return binding, caches, qkv
+
+    def run(self, binding) -> list[np.ndarray]:
+        self.session.run_with_iobinding(binding)
+        return [o.numpy() for o in binding.get_outputs()[0::3]]                     # n_layer x (B, 1, C)
+
+
+@dataclass
+class KernelScaling:
+    """Best-of times (seconds) per batch size, and the ratios the module docstring defines."""
+
+    batch: int
+    position: int
+    linear_s: dict[int, float]
+    attention_s: dict[int, float]
+
+    def part_ratio(self, part: str) -> float:
+        t = getattr(self, f"{part}_s")
+        return t[self.batch] / t[1]
+
+    @property
+    def kernel_scaling(self) -> float:
+        """B x step(1) / step(B) with step = linear + attention: tokens/s at batch B over batch 1."""
+        step = {b: self.linear_s[b] + self.attention_s[b] for b in (1, self.batch)}
+        return self.batch * step[1] / step[self.batch]
+
+
+def _interleaved_best(calls: dict[int, callable], repeats: int) -> dict[int, float]:
+    """Best-of-`repeats` seconds per key; each round runs every call once, alternating the order."""
+    keys = list(calls)
+    for k in keys:
+        calls[k]()  # untimed: first-touch page faults, thread pool start
+    best = {k: math.inf for k in keys}
+    for r in range(repeats):
+        for k in (keys if r % 2 == 0 else keys[::-1]):
+            t0 = time.perf_counter()
+            calls[k]()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
+def measure(cfg: GPT2Config, batches: tuple[int, ...], position: int, threads: int, repeats: int = 20,
+            seed: int = 0, progress=print) -> list[KernelScaling]:
+    """Time the linear layers and attention at batch 1 and every batch in `batches`, in interleaved
+    rounds (each round visits every batch size, so a slow phase of the machine lands on all of them)."""
+    if position < 1 or position >= cfg.n_positions:
+        raise ValueError(f"position must be in [1, {cfg.n_positions - 1}], got {position}")
+    if any(b < 1 for b in batches) or repeats < 1 or threads < 1:
+        raise ValueError(f"batches, repeats and threads must be >= 1, got {batches}, {repeats}, {threads}")
+    sizes = sorted({1, *batches})
+    with tempfile.TemporaryDirectory(prefix="kernel-scaling-") as tmp:
+        progress(f"linear layers: drawing {cfg.n_params() / 1e6:.0f}M random weights, building the session")
+        linear = LinearRunner(cfg, threads, seed, Path(tmp))
+        feeds = {b: linear.inputs(b) for b in sizes}
+        linear_s = _interleaved_best({b: (lambda b=b: linear.run(feeds[b])) for b in sizes}, repeats)
+        del linear  # its thread pool would otherwise spin beside the next session's
+    progress(f"attention: {cfg.n_layer} GroupQueryAttention nodes, position {position}")
+    attention = AttentionRunner(cfg, threads)
+    bindings = {b: attention.bind(b, position)[0] for b in sizes}
+    attention_s = _interleaved_best({b: (lambda b=b: attention.run(bindings[b])) for b in sizes}, repeats)
+    return [KernelScaling(b, position, {1: linear_s[1], b: linear_s[b]}, {1: attention_s[1], b: attention_s[b]})
+            for b in batches]
+
+
+def report(name: str, results: list[KernelScaling], threads: int) -> str:
+    lines = [f"{name}: ONNX Runtime CPU kernels alone, {threads} threads, decode step at position "
+             f"{results[0].position} (best of interleaved rounds)",
+             "| batch | linear ms (x batch 1) | attention ms (x batch 1) | kernel tokens/s scaling |",
+             "|---|---|---|---|"]
+    base = results[0]
+    lines.append(f"| 1 | {base.linear_s[1] * 1e3:.2f} | {base.attention_s[1] * 1e3:.2f} | 1.00x |")
+    for r in results:
+        if r.batch == 1:
+            continue
+        lines.append(f"| {r.batch} | {r.linear_s[r.batch] * 1e3:.2f} ({r.part_ratio('linear'):.2f}x) | "
+                     f"{r.attention_s[r.batch] * 1e3:.2f} ({r.part_ratio('attention'):.2f}x) | "
+                     f"{r.kernel_scaling:.2f}x |")
+    return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""The kernel-scaling probe (benchmarks/kernel_scaling.py) times what it says it times: the decoder's
+linear layers in order, and GroupQueryAttention over position + 1 cached slots per row."""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from benchmarks import cli
+from benchmarks.kernel_scaling import (AttentionRunner, KernelScaling, LinearRunner, layer_weights, lm_head_weight,
+                                       measure, report)
+from engine.config import GPT2Config
+
+TINY = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=97, n_positions=64)
+
+
+def test_linear_layers_compute_the_decoder_chain(tmp_path):
+    runner = LinearRunner(TINY, threads=1, seed=5, work_dir=tmp_path)
+    x = runner.inputs(3)["x"]                                                        # (M, C)
+    rng = np.random.default_rng(5)  # the draw order linear_model uses
+    h = x
+    for _ in range(TINY.n_layer):
+        for name, W, b in layer_weights(TINY, rng):
+            h = h @ W + b
+            if name == "c_attn":
+                h = h[:, :TINY.n_embd]
+    expected = h @ lm_head_weight(TINY, rng).T                                       # (M, V)
+    np.testing.assert_allclose(runner.run({"x": x}), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_reads_position_plus_one_slots_and_writes_in_place():
+    B, pos, C, nh, hs = 2, 5, TINY.n_embd, TINY.n_head, TINY.head_dim
+    runner = AttentionRunner(TINY, threads=1)
+    binding, caches, qkv = runner.bind(B, pos)
+    before = [c.copy() for c in caches]
+    ys = runner.run(binding)
+    q, k, v = (qkv[:, 0, j * C:(j + 1) * C].reshape(B, nh, hs) for j in range(3))  # (B, nh, hs)
+    for i, y in enumerate(ys):
+        K, V = caches[2 * i], caches[2 * i + 1]                                     # (B, nh, pos + 1, hs)
+        np.testing.assert_array_equal(K[:, :, pos], k)                               # the step's key, in place
+        np.testing.assert_array_equal(V[:, :, pos], v)
+        np.testing.assert_array_equal(K[:, :, :pos], before[2 * i][:, :, :pos])      # history untouched
+        scores = np.einsum("bhd,bhsd->bhs", q, K) / np.sqrt(hs)                      # (B, nh, pos + 1)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        expected = np.einsum("bhs,bhsd->bhd", probs, V).reshape(B, 1, C)             # (B, 1, C)
+        np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_scaling_is_tokens_per_second_of_the_kernels():
+    r = KernelScaling(batch=8, position=96, linear_s={1: 0.018, 8: 0.027}, attention_s={1: 0.001, 8: 0.004})
+    assert r.part_ratio("linear") == pytest.approx(1.5)
+    assert r.part_ratio("attention") == pytest.approx(4.0)
+    assert r.kernel_scaling == pytest.approx(8 * 0.019 / 0.031)
+
+
+def test_measure_and_report_on_a_tiny_model():
+    results = measure(TINY, (4,), position=7, threads=1, repeats=2, progress=lambda _: None)
+    (r,) = results
+    assert r.batch == 4 and set(r.linear_s) == set(r.attention_s) == {1, 4}
+    assert all(t > 0 for t in (*r.linear_s.values(), *r.attention_s.values()))
+    table = report("tiny", results, threads=1)
+    assert "| 4 |" in table and f"{r.kernel_scaling:.2f}x" in table
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(position=64), "position must be in [1, 63]"),
+                                             (dict(position=0), "position must be in [1, 63]"),
+                                             (dict(position=5, repeats=0), "must be >= 1")])
+def test_measure_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        measure(TINY, (4,), threads=1, **kwargs)
+
+
+def test_cli_names_the_sizes_it_knows():
+    res = CliRunner().invoke(cli.bench_kernels, ["--model", "gpt3"])
+    assert res.exit_code == 1
+    assert "'gpt3' is not a model name (distilgpt2, gpt2, gpt2-medium" in res.output
