@@ -149,19 +149,22 @@ if __name__ == "__main__":
               help="Size name (gpt2 .. gpt2-xl, distilgpt2); repeatable.")
 @click.option("--batch", "batches", type=click.IntRange(min=2), multiple=True, default=(8, 16), show_default=True,
               help="Batch size compared with batch 1; repeatable.")
-@click.option("--position", type=click.IntRange(min=1, max=1023), default=96, show_default=True,
-              help="Context position of the decode step (96: the middle of the bench's 32 + 128 tokens).")
+@click.option("--prompt-len", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Prompt tokens per row (the bench's default).")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Generated tokens per row (the bench's default); decode is timed at the middle position.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads (default: physical cores).")
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True,
               help="Interleaved timing rounds; the best is kept.")
 @friendly_errors
-def bench_kernels(models, batches, position, threads, repeats):
-    """How far ONNX Runtime's own CPU kernels let a decode step scale with batch: the decoder's linear
+def bench_kernels(models, batches, prompt_len, new_tokens, threads, repeats):
+    """How far ONNX Runtime's own CPU kernels let generation scale with batch: the decoder's linear
     layers and GroupQueryAttention timed alone, in the model's shapes, on random weights.
 
-    Reads: if the engine's decode steps scale about as well as "kernel tokens/s scaling", batch
-    throughput is bounded by the kernels, not by the graph (benchmarks/kernel_scaling.py).
+    Reads: the "end-to-end tokens/s scaling" column is what `gpt2-engine bench`'s tokens/s ratio
+    would be for a graph made of these kernels only; an engine close to it is bounded by the kernels,
+    not by its graph (benchmarks/kernel_scaling.py).
     """
     import psutil
     from benchmarks.kernel_scaling import measure, report
@@ -172,7 +175,7 @@ def bench_kernels(models, batches, position, threads, repeats):
         size = canonical_size_name(model)
         if size is None:
             raise InputError(f"--model {model!r} is not a model name ({', '.join(SIZES)})")
-        results = measure(SIZES[size], tuple(dict.fromkeys(batches)), position, threads, repeats,
+        results = measure(SIZES[size], tuple(dict.fromkeys(batches)), prompt_len, new_tokens, threads, repeats,
                           progress=lambda msg: click.echo(msg, err=True))
         click.echo(report(size, results, threads))
         click.echo()

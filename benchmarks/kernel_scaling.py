@@ -1,21 +1,24 @@
-"""How far ONNX Runtime's own CPU kernels let a batched decode step scale: the decoder's kernels timed
+"""How far ONNX Runtime's own CPU kernels let batched generation scale: the decoder's kernels timed
 alone, in the model's shapes, at batch 1 and batch B, without the engine.
 
 A decode step of the CPU graph is, by time, the linear layers (Gemm over every weight, the LM head
-included: ~90% of a step) and attention over each row's cached keys/values (GroupQueryAttention).
-This probe times exactly those kernels on random weights:
+included: ~90% of a step) and attention over each row's cached keys/values (GroupQueryAttention); a
+short prompt's prefill is almost all linear layers. This probe times exactly those kernels on random
+weights:
 
   linear     per layer c_attn -> attn.c_proj -> c_fc -> mlp.c_proj as 2-D Gemms, chained so each waits
              for the last as in the model (a Slice takes c_attn's first C columns), then the LM head
-             (transB Gemm over a (V, C) matrix, as the graph runs it); M = batch rows
-  attention  one GroupQueryAttention node per layer, each over its own cache, every row at `position`
-             (batch 1 reads one row's keys/values, batch B reads B rows')
+             (transB Gemm over a (V, C) matrix, as the graph runs it) on the rows whose logits are read.
+             A decode step: B rows, all read. A prefill: B x P rows, the last of each prompt read.
+  attention  one GroupQueryAttention node per layer, each over its own cache, every row at position
+             P + N/2 (the middle of the generation), batch 1 reading one row's keys/values, B rows'.
 
-and reports each part's batch-B time over its batch-1 time, and `kernel_scaling` = B x (linear(1) +
-attention(1)) / (linear(B) + attention(B)): the tokens/s ratio a decode step made only of these kernels
-would reach. The engine's real ratio also carries LayerNorm, GELU, per-op and Python costs, and the
-bench's tokens/s includes the prefill; if the engine's decode steps scale about as well as this
-figure, batch scaling is bounded by the kernels, not by the graph around them.
+and reports each part's batch-B time over its batch-1 time, `step_scaling` = B x step(1) / step(B)
+with step = linear + attention (the decode-step tokens/s ratio these kernels allow), and
+`tokens_scaling` = B x gen(1) / gen(B) with gen = prefill + (N - 1) x step: the end-to-end tokens/s
+ratio that `gpt2-engine bench` reports, for a graph made of nothing but these kernels (no LayerNorm,
+GELU, prompt attention, per-op or Python cost). If the engine comes close to it, batch throughput is
+bounded by the kernels, not by the graph around them.
 
 Times are best-of-N over interleaved rounds (floor.py's reasoning: noise only adds time). Weights are
 streamed into an external-data file as they are drawn, so no size exists twice in Python memory.
@@ -34,6 +37,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from engine.config import GPT2Config
+from engine.errors import InputError
 from export.graph import ExternalData
 
 FLOAT, INT32, INT64 = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64
@@ -60,8 +64,9 @@ def _const(name: str, value: np.ndarray, inits: list) -> str:
 
 
 def linear_model(cfg: GPT2Config, seed: int, external: ExternalData) -> onnx.ModelProto:
-    """x (M, C) -> logits (M, V) through every linear layer of the decoder (see the module docstring).
-    Weights are drawn from `seed` in the order layer_weights / lm_head_weight give (the tests redo it)."""
+    """x (M, C), rows (K,) -> logits (K, V): every linear layer of the decoder over the M rows, the LM
+    head over the K rows picked (see the module docstring). Weights are drawn from `seed` in the order
+    layer_weights / lm_head_weight give (the tests redo it)."""
     rng = np.random.default_rng(seed)
     C = cfg.n_embd
     nodes, inits = [], []
@@ -77,9 +82,11 @@ def linear_model(cfg: GPT2Config, seed: int, external: ExternalData) -> onnx.Mod
                 nodes.append(helper.make_node("Slice", [h, starts, ends, axis1], [f"{key}/q"], name=f"{key}/Slice"))
                 h = f"{key}/q"                                                       # (M, C)
     inits.append(external.tensor("lm_head.weight", lm_head_weight(cfg, rng)))       # (V, C)
-    nodes.append(helper.make_node("Gemm", [h, "lm_head.weight"], ["logits"], name="lm_head", transB=1))  # (M, V)
-    graph = helper.make_graph(nodes, "linear_layers", [helper.make_tensor_value_info("x", FLOAT, ["M", C])],
-                              [helper.make_tensor_value_info("logits", FLOAT, ["M", cfg.vocab_size])], inits)
+    nodes.append(helper.make_node("Gather", [h, "rows"], ["last"], name="rows", axis=0))  # (K, C)
+    nodes.append(helper.make_node("Gemm", ["last", "lm_head.weight"], ["logits"], name="lm_head", transB=1))  # (K, V)
+    graph = helper.make_graph(nodes, "linear_layers", [helper.make_tensor_value_info("x", FLOAT, ["M", C]),
+                                                        helper.make_tensor_value_info("rows", INT64, ["K"])],
+                              [helper.make_tensor_value_info("logits", FLOAT, ["K", cfg.vocab_size])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 10
     return model
@@ -133,11 +140,13 @@ class LinearRunner:
         self.session = _session(str(path), threads)
         self.cfg = cfg
 
-    def inputs(self, rows: int, seed: int = 1) -> dict[str, np.ndarray]:
-        return {"x": np.random.default_rng(seed).standard_normal((rows, self.cfg.n_embd), np.float32)}  # (M, C)
+    def inputs(self, batch: int, tokens: int = 1, seed: int = 1) -> dict[str, np.ndarray]:
+        """`batch` rows of `tokens` positions each; the LM head reads each row's last position."""
+        x = np.random.default_rng(seed).standard_normal((batch * tokens, self.cfg.n_embd), np.float32)  # (B*T, C)
+        return {"x": x, "rows": np.arange(tokens - 1, batch * tokens, tokens, dtype=np.int64)}           # (B,)
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return self.session.run(None, feeds)[0]                                      # (M, V)
+        return self.session.run(None, feeds)[0]                                      # (B, V)
 
 
 class AttentionRunner:
@@ -177,22 +186,43 @@ class AttentionRunner:
 
 @dataclass
 class KernelScaling:
-    """Best-of times (seconds) per batch size, and the ratios the module docstring defines."""
+    """Best-of times (seconds) per batch size (1 and `batch`), and the ratios the module docstring
+    defines, for prompts of `prompt_len` tokens and `new_tokens` generated per row."""
 
     batch: int
-    position: int
-    linear_s: dict[int, float]
-    attention_s: dict[int, float]
+    prompt_len: int
+    new_tokens: int
+    linear_s: dict[int, float]      # one decode step's linear layers
+    attention_s: dict[int, float]   # one decode step's attention, at position prompt_len + new_tokens // 2
+    prefill_s: dict[int, float]     # the linear layers over batch x prompt_len rows
+
+    @property
+    def position(self) -> int:
+        return middle_position(self.prompt_len, self.new_tokens)
 
     def part_ratio(self, part: str) -> float:
         t = getattr(self, f"{part}_s")
         return t[self.batch] / t[1]
 
+    def step_s(self, b: int) -> float:
+        return self.linear_s[b] + self.attention_s[b]
+
+    def generate_s(self, b: int) -> float:
+        """Prefill (which yields the first token), then new_tokens - 1 decode steps: what the bench's
+        end-to-end time covers."""
+        return self.prefill_s[b] + (self.new_tokens - 1) * self.step_s(b)
+
     @property
-    def kernel_scaling(self) -> float:
-        """B x step(1) / step(B) with step = linear + attention: tokens/s at batch B over batch 1."""
-        step = {b: self.linear_s[b] + self.attention_s[b] for b in (1, self.batch)}
-        return self.batch * step[1] / step[self.batch]
+    def step_scaling(self) -> float:
+        return self.batch * self.step_s(1) / self.step_s(self.batch)
+
+    @property
+    def tokens_scaling(self) -> float:
+        return self.batch * self.generate_s(1) / self.generate_s(self.batch)
+
+
+def middle_position(prompt_len: int, new_tokens: int) -> int:
+    return prompt_len + new_tokens // 2
 
 
 def _interleaved_best(calls: dict[int, callable], repeats: int) -> dict[int, float]:
@@ -209,40 +239,53 @@ def _interleaved_best(calls: dict[int, callable], repeats: int) -> dict[int, flo
     return best
 
 
-def measure(cfg: GPT2Config, batches: tuple[int, ...], position: int, threads: int, repeats: int = 20,
-            seed: int = 0, progress=print) -> list[KernelScaling]:
-    """Time the linear layers and attention at batch 1 and every batch in `batches`, in interleaved
-    rounds (each round visits every batch size, so a slow phase of the machine lands on all of them)."""
-    if position < 1 or position >= cfg.n_positions:
-        raise ValueError(f"position must be in [1, {cfg.n_positions - 1}], got {position}")
+def measure(cfg: GPT2Config, batches: tuple[int, ...], prompt_len: int = 32, new_tokens: int = 128,
+            threads: int = 1, repeats: int = 20, seed: int = 0, progress=print) -> list[KernelScaling]:
+    """Time the linear layers (decode step and prefill) and attention at batch 1 and every batch in
+    `batches`, in interleaved rounds (each round visits every batch size, so a slow phase of the
+    machine lands on all of them)."""
+    if prompt_len < 1 or new_tokens < 1 or prompt_len + new_tokens > cfg.n_positions:
+        raise InputError(f"prompt_len and new_tokens must be >= 1 with prompt_len + new_tokens <= "
+                         f"{cfg.n_positions} (the context), got {prompt_len} + {new_tokens}")
     if any(b < 1 for b in batches) or repeats < 1 or threads < 1:
-        raise ValueError(f"batches, repeats and threads must be >= 1, got {batches}, {repeats}, {threads}")
+        raise InputError(f"batches, repeats and threads must be >= 1, got {batches}, {repeats}, {threads}")
     sizes = sorted({1, *batches})
+    position = middle_position(prompt_len, new_tokens)
     with tempfile.TemporaryDirectory(prefix="kernel-scaling-") as tmp:
         progress(f"linear layers: drawing {cfg.n_params() / 1e6:.0f}M random weights, building the session")
         linear = LinearRunner(cfg, threads, seed, Path(tmp))
-        feeds = {b: linear.inputs(b) for b in sizes}
-        linear_s = _interleaved_best({b: (lambda b=b: linear.run(feeds[b])) for b in sizes}, repeats)
+        calls = {}
+        for b in sizes:
+            step, prompt = linear.inputs(b), linear.inputs(b, prompt_len)
+            calls[("step", b)] = lambda f=step: linear.run(f)
+            calls[("prefill", b)] = lambda f=prompt: linear.run(f)
+        linear_times = _interleaved_best(calls, repeats)
         del linear  # its thread pool would otherwise spin beside the next session's
     progress(f"attention: {cfg.n_layer} GroupQueryAttention nodes, position {position}")
     attention = AttentionRunner(cfg, threads)
     bindings = {b: attention.bind(b, position)[0] for b in sizes}
     attention_s = _interleaved_best({b: (lambda b=b: attention.run(bindings[b])) for b in sizes}, repeats)
-    return [KernelScaling(b, position, {1: linear_s[1], b: linear_s[b]}, {1: attention_s[1], b: attention_s[b]})
+    return [KernelScaling(b, prompt_len, new_tokens,
+                          linear_s={k: linear_times[("step", k)] for k in (1, b)},
+                          attention_s={k: attention_s[k] for k in (1, b)},
+                          prefill_s={k: linear_times[("prefill", k)] for k in (1, b)})
             for b in batches]
 
 
 def report(name: str, results: list[KernelScaling], threads: int) -> str:
-    lines = [f"{name}: ONNX Runtime CPU kernels alone, {threads} threads, decode step at position "
-             f"{results[0].position} (best of interleaved rounds)",
-             "| batch | linear ms (x batch 1) | attention ms (x batch 1) | kernel tokens/s scaling |",
-             "|---|---|---|---|"]
-    base = results[0]
-    lines.append(f"| 1 | {base.linear_s[1] * 1e3:.2f} | {base.attention_s[1] * 1e3:.2f} | 1.00x |")
+    r0 = results[0]
+    lines = [f"{name}: ONNX Runtime CPU kernels alone, {threads} threads, prompts of {r0.prompt_len} tokens, "
+             f"{r0.new_tokens} new tokens, decode step at position {r0.position} (best of interleaved rounds)",
+             "| batch | step: linear ms | step: attention ms | step tokens/s scaling | prefill linear ms | "
+             "end-to-end tokens/s scaling |",
+             "|---|---|---|---|---|---|",
+             f"| 1 | {r0.linear_s[1] * 1e3:.2f} | {r0.attention_s[1] * 1e3:.2f} | 1.00x | "
+             f"{r0.prefill_s[1] * 1e3:.1f} | 1.00x |"]
     for r in results:
         if r.batch == 1:
             continue
-        lines.append(f"| {r.batch} | {r.linear_s[r.batch] * 1e3:.2f} ({r.part_ratio('linear'):.2f}x) | "
-                     f"{r.attention_s[r.batch] * 1e3:.2f} ({r.part_ratio('attention'):.2f}x) | "
-                     f"{r.kernel_scaling:.2f}x |")
+        b = r.batch
+        lines.append(f"| {b} | {r.linear_s[b] * 1e3:.2f} ({r.part_ratio('linear'):.2f}x) | "
+                     f"{r.attention_s[b] * 1e3:.2f} ({r.part_ratio('attention'):.2f}x) | {r.step_scaling:.2f}x | "
+                     f"{r.prefill_s[b] * 1e3:.1f} | {r.tokens_scaling:.2f}x |")
     return "\n".join(lines)

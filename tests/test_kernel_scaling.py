@@ -9,22 +9,25 @@ from benchmarks import cli
 from benchmarks.kernel_scaling import (AttentionRunner, KernelScaling, LinearRunner, layer_weights, lm_head_weight,
                                        measure, report)
 from engine.config import GPT2Config
+from engine.errors import InputError
 
 TINY = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=97, n_positions=64)
 
 
-def test_linear_layers_compute_the_decoder_chain(tmp_path):
+@pytest.mark.parametrize("batch, tokens", [(3, 1), (2, 4)], ids=["decode-step", "prefill"])
+def test_linear_layers_compute_the_decoder_chain(tmp_path, batch, tokens):
     runner = LinearRunner(TINY, threads=1, seed=5, work_dir=tmp_path)
-    x = runner.inputs(3)["x"]                                                        # (M, C)
+    feeds = runner.inputs(batch, tokens)
     rng = np.random.default_rng(5)  # the draw order linear_model uses
-    h = x
+    h = feeds["x"]                                                                   # (B*T, C)
     for _ in range(TINY.n_layer):
         for name, W, b in layer_weights(TINY, rng):
             h = h @ W + b
             if name == "c_attn":
                 h = h[:, :TINY.n_embd]
-    expected = h @ lm_head_weight(TINY, rng).T                                       # (M, V)
-    np.testing.assert_allclose(runner.run({"x": x}), expected, rtol=1e-4, atol=1e-4)
+    last = h.reshape(batch, tokens, -1)[:, -1]                                       # (B, C): each prompt's last
+    expected = last @ lm_head_weight(TINY, rng).T                                    # (B, V)
+    np.testing.assert_allclose(runner.run(feeds), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_attention_reads_position_plus_one_slots_and_writes_in_place():
@@ -46,28 +49,33 @@ def test_attention_reads_position_plus_one_slots_and_writes_in_place():
         np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_scaling_is_tokens_per_second_of_the_kernels():
-    r = KernelScaling(batch=8, position=96, linear_s={1: 0.018, 8: 0.027}, attention_s={1: 0.001, 8: 0.004})
+def test_scalings_are_tokens_per_second_ratios():
+    r = KernelScaling(batch=8, prompt_len=32, new_tokens=11, linear_s={1: 0.018, 8: 0.027},
+                      attention_s={1: 0.001, 8: 0.004}, prefill_s={1: 0.03, 8: 0.25})
+    assert r.position == 32 + 5
     assert r.part_ratio("linear") == pytest.approx(1.5)
     assert r.part_ratio("attention") == pytest.approx(4.0)
-    assert r.kernel_scaling == pytest.approx(8 * 0.019 / 0.031)
+    assert r.step_scaling == pytest.approx(8 * 0.019 / 0.031)
+    # the bench's end-to-end accounting: the prefill gives the first token, then 10 decode steps
+    assert r.tokens_scaling == pytest.approx(8 * (0.03 + 10 * 0.019) / (0.25 + 10 * 0.031))
 
 
 def test_measure_and_report_on_a_tiny_model():
-    results = measure(TINY, (4,), position=7, threads=1, repeats=2, progress=lambda _: None)
+    results = measure(TINY, (4,), prompt_len=5, new_tokens=6, threads=1, repeats=2, progress=lambda _: None)
     (r,) = results
-    assert r.batch == 4 and set(r.linear_s) == set(r.attention_s) == {1, 4}
-    assert all(t > 0 for t in (*r.linear_s.values(), *r.attention_s.values()))
+    assert r.batch == 4 and r.position == 8
+    assert set(r.linear_s) == set(r.attention_s) == set(r.prefill_s) == {1, 4}
+    assert all(t > 0 for t in (*r.linear_s.values(), *r.attention_s.values(), *r.prefill_s.values()))
     table = report("tiny", results, threads=1)
-    assert "| 4 |" in table and f"{r.kernel_scaling:.2f}x" in table
+    assert "| 4 |" in table and f"{r.step_scaling:.2f}x" in table and f"{r.tokens_scaling:.2f}x" in table
 
 
-@pytest.mark.parametrize("kwargs, message", [(dict(position=64), "position must be in [1, 63]"),
-                                             (dict(position=0), "position must be in [1, 63]"),
-                                             (dict(position=5, repeats=0), "must be >= 1")])
+@pytest.mark.parametrize("kwargs, message", [(dict(prompt_len=60, new_tokens=5), "<= 64 .the context., got 60 . 5"),
+                                             (dict(prompt_len=0), "must be >= 1"),
+                                             (dict(repeats=0), "must be >= 1")])
 def test_measure_rejects_bad_arguments(kwargs, message):
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        measure(TINY, (4,), threads=1, **kwargs)
+    with pytest.raises(InputError, match=message):
+        measure(TINY, (4,), threads=1, **{"new_tokens": 4, **kwargs})
 
 
 def test_cli_names_the_sizes_it_knows():
