@@ -90,6 +90,9 @@ def _model_spec(model: str, init: str, seed: int, init_range: float):
               help="Measure decode latency vs context position.")
 @click.option("--position", "position_list", type=click.IntRange(min=1), multiple=True,
               default=DEFAULT_POSITIONS, show_default=True, help="Context positions to time; repeatable.")
+@click.option("--kernel-ceiling/--no-kernel-ceiling", default=True, show_default=True,
+              help="With batches > 1 and backend ort: also time ONNX Runtime's kernels alone (as "
+                   "`gpt2-engine bench-kernels`) and report the engine's batch scaling against theirs.")
 @click.option("--quick", is_flag=True,
               help="gpt2, batch 1, prompt 32, 32 new tokens, 3 repeats, positions 16/256/900 "
                    "(options given explicitly still win).")
@@ -101,7 +104,8 @@ def _model_spec(model: str, init: str, seed: int, init_range: float):
 @click.pass_context
 @friendly_errors
 def bench(ctx, models, init, seed, init_range, batches, prompt_lens, new_tokens, backends, peers, peer_list,
-          peer_max_batch, threads, repeats, warmup, positions, position_list, quick, out, work_dir):
+          peer_max_batch, threads, repeats, warmup, positions, position_list, kernel_ceiling, quick, out,
+          work_dir):
     """Benchmark the engine: TTFT, ms/token, tokens/s (p50/p90/p99), memory, decode vs context,
     beside HF transformers, CTranslate2 and the memory-bandwidth floor, every output validated first.
 
@@ -122,7 +126,8 @@ def bench(ctx, models, init, seed, init_range, batches, prompt_lens, new_tokens,
     plan = Plan(batches=tuple(values["batches"]), prompt_lens=tuple(values["prompt_lens"]),
                 new_tokens=tuple(values["new_tokens"]), backends=tuple(dict.fromkeys(backends)),
                 peers=chosen_peers, threads=threads, repeats=values["repeats"], warmup=warmup,
-                positions=tuple(values["position_list"]) if positions else (), peer_max_batch=peer_max_batch)
+                positions=tuple(values["position_list"]) if positions else (), peer_max_batch=peer_max_batch,
+                kernel_ceiling=kernel_ceiling)
     specs = [_model_spec(m, init, seed, init_range) for m in dict.fromkeys(values["models"])]
     out = out or Path("bench-results") / _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     t0 = time.perf_counter()
@@ -134,6 +139,10 @@ def bench(ctx, models, init, seed, init_range, batches, prompt_lens, new_tokens,
     click.echo("Engine vs peers and floor (p50; below 1x against a peer, the engine is faster):")
     click.echo(result.ratios)
     click.echo()
+    if result.scaling:
+        click.echo("Batch scaling (tokens/s over batch 1) vs ONNX Runtime's kernels alone:")
+        click.echo(result.scaling)
+        click.echo()
     click.echo(f"wrote {out}/results.jsonl, table.md, {', '.join(p.name for p in result.plots) or 'no plots'} "
                f"in {time.perf_counter() - t0:.0f} s", err=True)
     if not any(r.ok for r in result.records):

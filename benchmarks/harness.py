@@ -444,6 +444,7 @@ class Plan:
     positions: tuple[int, ...] = DEFAULT_POSITIONS   # () = no position sweep
     position_steps: int = POSITION_STEPS
     peer_max_batch: int | None = None   # peers skip larger batches (they take minutes there); None = all
+    kernel_ceiling: bool = True         # batch > 1 with backend "ort": also time ORT's kernels alone (kernel_scaling)
 
     def __post_init__(self):
         for name in ("batches", "prompt_lens", "new_tokens"):
@@ -792,6 +793,40 @@ def peer_spec(peer: str, model: PreparedModel, threads: int | None) -> RunnerSpe
 
 # --- ratios, outputs ------------------------------------------------------------------------------
 
+KERNEL_CEILING_REPEATS = 10  # interleaved rounds; ~10 s for gpt2, ~30 s for gpt2-medium at prompt 32
+
+
+def kernel_ceilings(cfg: GPT2Config, plan: Plan, say: Callable[[str], None]) -> dict[tuple, dict]:
+    """benchmarks/kernel_scaling.py for this run's batch > 1 configurations at its shortest prompt (the
+    throughput configuration; a long prompt's prefill would make the probe take minutes): the
+    end-to-end tokens/s scaling a graph made of nothing but ORT's kernels would reach. Keyed like the
+    records, (batch, prompt_len, new_tokens)."""
+    from benchmarks import kernel_scaling as ks
+    batches = tuple(b for b in plan.batches if b > 1)
+    p = min(plan.prompt_lens)
+    out = {}
+    for n in plan.new_tokens:
+        try:
+            results = ks.measure(cfg, batches, p, n, plan.threads or 1, KERNEL_CEILING_REPEATS, progress=lambda _: None)
+        except InputError as e:
+            say(f"kernel ceiling not measured for prompt {p} + {n} new tokens: {e}")
+            continue
+        for r in results:
+            out[(r.batch, p, n)] = {
+                "tokens_scaling": round(r.tokens_scaling, 3), "step_scaling": round(r.step_scaling, 3),
+                "position": r.position, "repeats": KERNEL_CEILING_REPEATS,
+                **{f"{part}_ms": {str(b): round(t * 1e3, 3) for b, t in getattr(r, f"{part}_s").items()}
+                   for part in ("linear", "attention", "prefill")}}
+    return out
+
+
+def attach_kernel_ceiling(records: list[BenchRecord], model: str, ceilings: dict[tuple, dict]) -> None:
+    """On the fp32 ORT engine's records (whose graph is made of those kernels)."""
+    for r in records:
+        if r.model == model and r.backend == "engine-ort" and (r.batch, r.prompt_len, r.new_tokens) in ceilings:
+            r.extra["kernel_ceiling"] = ceilings[(r.batch, r.prompt_len, r.new_tokens)]
+
+
 def _key(r: BenchRecord) -> tuple:
     return (r.model, r.batch, r.prompt_len, r.new_tokens)
 
@@ -799,6 +834,8 @@ def _key(r: BenchRecord) -> tuple:
 def add_ratios(records: list[BenchRecord]) -> None:
     """Engine vs floor and vs each peer, on p50s (< 1 vs a peer: the engine is faster)."""
     peers: dict[tuple, dict[str, BenchRecord]] = {}
+    by_batch_one = {(r.backend, r.precision, r.model, r.prompt_len, r.new_tokens): r
+                    for r in records if r.ok and r.batch == 1}
     for r in records:
         if r.ok and not r.backend.startswith("engine-"):
             name = r.backend if r.precision == "fp32" else f"{r.backend}-{r.precision}"
@@ -812,6 +849,12 @@ def add_ratios(records: list[BenchRecord]) -> None:
             r.ratios["ttft_x_prefill_floor"] = ratio(r.ttft["p50"], r.floor["prefill_floor_s"])
         if not r.backend.startswith("engine-"):
             continue
+        one = by_batch_one.get((r.backend, r.precision, r.model, r.prompt_len, r.new_tokens))
+        if r.batch > 1 and one is not None and r.tokens_per_s and one.tokens_per_s:
+            r.ratios["tokens_scaling"] = ratio(r.tokens_per_s["p50"], one.tokens_per_s["p50"])
+            ceiling = (r.extra or {}).get("kernel_ceiling")
+            if ceiling:
+                r.ratios["of_kernel_ceiling"] = ratio(r.ratios["tokens_scaling"], ceiling["tokens_scaling"])
         for name, p in peers.get(_key(r), {}).items():
             if r.decode_per_token and p.decode_per_token:
                 r.ratios[f"decode_vs_{name}"] = ratio(r.decode_per_token["p50"], p.decode_per_token["p50"])
@@ -837,6 +880,27 @@ def ratios_table(records: list[BenchRecord]) -> str:
                f"{r.decode_per_token['p50'] * 1e3:.1f}" if r.decode_per_token else "-", x(r.ratios.get("x_floor"))]
         row += [x(r.ratios.get(f"decode_vs_{n}")) for n in names] + [x(r.ratios.get(f"ttft_vs_{n}")) for n in names]
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def scaling_table(records: list[BenchRecord]) -> str | None:
+    """The engine's tokens/s at batch B over batch 1, beside what ORT's kernels alone allow."""
+    rows = [r for r in records if r.ok and "tokens_scaling" in r.ratios]
+    if not rows:
+        return None
+    lines = ["| backend | model | batch | prompt | new | tokens/s x batch 1 | kernel ceiling | of the ceiling "
+             "| kernels: linear / attention per step, x batch 1 |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = (r.extra or {}).get("kernel_ceiling")
+        if c:
+            b = str(r.batch)
+            kern = (f"{c['tokens_scaling']:.2f}x", f"{r.ratios['of_kernel_ceiling']:.0%}",
+                    f"{c['linear_ms'][b]:.2f} ms ({c['linear_ms'][b] / c['linear_ms']['1']:.2f}x) / "
+                    f"{c['attention_ms'][b]:.2f} ms ({c['attention_ms'][b] / c['attention_ms']['1']:.2f}x)")
+        else:
+            kern = ("-", "-", "-")
+        lines.append(f"| {r.backend} | {r.model} | {r.batch} | {r.prompt_len} | {r.new_tokens} | "
+                     f"{r.ratios['tokens_scaling']:.2f}x | " + " | ".join(kern) + " |")
     return "\n".join(lines)
 
 
@@ -868,6 +932,7 @@ class BenchResult:
     table: str
     ratios: str
     plots: list[Path]
+    scaling: str | None = None
 
 
 def write_outputs(records: list[BenchRecord], out_dir: Path, header: str) -> BenchResult:
@@ -879,6 +944,11 @@ def write_outputs(records: list[BenchRecord], out_dir: Path, header: str) -> Ben
     plots = make_plots(records, out_dir)
     md = ["# gpt2-engine bench", "", "```", header, "```", "", table, "",
           "## Engine vs peers and floor (p50; below 1x against a peer, the engine is faster)", "", rtable]
+    stable = scaling_table(records)
+    if stable:
+        md += ["", "## Batch scaling (tokens/s p50 over batch 1's) vs ONNX Runtime's kernels alone "
+               "(`gpt2-engine bench-kernels`: the end-to-end scaling of a graph made only of its linear "
+               "and attention kernels, best of interleaved rounds)", "", stable]
     atable = accuracy_table(records)
     if atable:
         md += ["", f"## Lossy runners' accuracy (vs HF fp32 logits, teacher-forced on {ACCURACY_TOKENS} fixed "
@@ -886,7 +956,7 @@ def write_outputs(records: list[BenchRecord], out_dir: Path, header: str) -> Ben
     if plots:
         md += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     (out_dir / "table.md").write_text("\n".join(md) + "\n")
-    return BenchResult(records, out_dir, header, table, rtable, plots)
+    return BenchResult(records, out_dir, header, table, rtable, plots, stable)
 
 
 def run_bench(models: Sequence[ModelSpec], plan: Plan, out_dir: Path, *, work_root: Path,
@@ -955,6 +1025,9 @@ def run_bench(models: Sequence[ModelSpec], plan: Plan, out_dir: Path, *, work_ro
                             bytes_per_param=BYTES_PER_PARAM[r.precision], bandwidth_GBps=bw, gflops=gflops,
                             kv_bytes_per_elem=KV_BYTES[r.precision])
                 records.extend(recs)
+            if plan.kernel_ceiling and "ort" in plan.backends and max(plan.batches) > 1:
+                bar.set_postfix_str(f"{model.name}: ONNX Runtime's kernels alone (batch scaling ceiling)")
+                attach_kernel_ceiling(records, model.name, kernel_ceilings(model.config, plan, say))
     except KeyboardInterrupt:
         say("interrupted: writing the records measured so far")
     finally:

@@ -171,6 +171,15 @@ def test_tiny_end_to_end_writes_records_table_and_plots(tiny, tmp_path):
         assert r.floor["bandwidth_GBps"] == FLOOR[0] and r.ratios["x_floor"] > 0
     assert by[("engine-ort", 1)].per_position and by[("hf", 1)].per_position
     assert set(by[("engine-ort", 1)].ratios) >= {"decode_vs_hf", "ttft_vs_hf", "x_floor"}
+    # batch 2 vs 1: the engine's own tokens/s scaling, beside ORT's kernels timed alone (kernel_scaling)
+    b2 = by[("engine-ort", 2)]
+    ceiling = b2.extra["kernel_ceiling"]
+    assert ceiling["position"] == 8 + 4 // 2 and set(ceiling["linear_ms"]) == {"1", "2"}
+    assert b2.ratios["tokens_scaling"] == pytest.approx(
+        b2.tokens_per_s["p50"] / by[("engine-ort", 1)].tokens_per_s["p50"], rel=1e-3)
+    assert b2.ratios["of_kernel_ceiling"] == pytest.approx(b2.ratios["tokens_scaling"] / ceiling["tokens_scaling"],
+                                                           rel=1e-2)
+    assert "kernel_ceiling" not in by[("engine-ort", 1)].extra and "kernel_ceiling" not in by[("hf", 1)].extra
     if harness._trt_available() is not None:  # the usual case: no GPU / TensorRT on the test machine
         assert by[("engine-trt", 1)].status.startswith("skipped: no GPU/TensorRT") or \
             by[("engine-trt", 1)].status.startswith("skipped: no TensorRT")
@@ -178,6 +187,8 @@ def test_tiny_end_to_end_writes_records_table_and_plots(tiny, tmp_path):
     table = (out / "table.md").read_text()
     assert "| engine-ort | tiny | fp32 | 1 | 8 | 4 |" in table and "| hf | tiny |" in table
     assert "load avg 1m" in table and "decode / hf" in table
+    assert "## Batch scaling" in table and f"| engine-ort | tiny | 2 | 8 | 4 | {b2.ratios['tokens_scaling']:.2f}x |" in table
+    assert result.scaling and "kernel ceiling" in result.scaling
     pngs = {p.name for p in out.glob("*.png")}
     assert pngs == {"decode_vs_position.png", "tokens_per_s_vs_batch.png", "decode_vs_peers.png"}
     assert {p.name for p in result.plots} == pngs
