@@ -808,8 +808,8 @@ def kernel_ceilings(cfg: GPT2Config, plan: Plan, say: Callable[[str], None]) -> 
     for n in plan.new_tokens:
         try:
             results = ks.measure(cfg, batches, p, n, plan.threads or 1, KERNEL_CEILING_REPEATS, progress=lambda _: None)
-        except InputError as e:
-            say(f"kernel ceiling not measured for prompt {p} + {n} new tokens: {e}")
+        except Exception as e:  # a probe beside the run: its failure is reported, never ends the run
+            say(f"kernel ceiling not measured for prompt {p} + {n} new tokens: {_short_error(e)}")
             continue
         for r in results:
             out[(r.batch, p, n)] = {

@@ -18,7 +18,9 @@ with step = linear + attention (the decode-step tokens/s ratio these kernels all
 `tokens_scaling` = B x gen(1) / gen(B) with gen = prefill + (N - 1) x step: the end-to-end tokens/s
 ratio that `gpt2-engine bench` reports, for a graph made of nothing but these kernels (no LayerNorm,
 GELU, prompt attention, per-op or Python cost). If the engine comes close to it, batch throughput is
-bounded by the kernels, not by the graph around them.
+bounded by the kernels, not by the graph around them. It is a ceiling for a graph that adds no cost
+of its own: costs that grow less than B-fold with the batch (per-op overhead) raise a ratio while
+lowering both throughputs, so a slower engine could read higher.
 
 Times are best-of-N over interleaved rounds (floor.py's reasoning: noise only adds time). Weights are
 streamed into an external-data file as they are drawn, so no size exists twice in Python memory.

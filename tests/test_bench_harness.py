@@ -378,3 +378,15 @@ def test_cli_vocabulary_matches_the_harness():
     from benchmarks import cli
     for name in ("ENGINE_BACKENDS", "PEERS", "DEFAULT_PEERS", "DEFAULT_POSITIONS", "QUICK_POSITIONS"):
         assert getattr(cli, name) == getattr(harness, name), name
+
+
+def test_a_failing_kernel_ceiling_probe_is_reported_not_raised(monkeypatch):
+    from benchmarks import kernel_scaling
+
+    def boom(*args, **kwargs):
+        raise MemoryError("no room for the weights")
+    monkeypatch.setattr(kernel_scaling, "measure", boom)
+    said = []
+    plan = Plan(batches=(1, 8), prompt_lens=(512, 32), new_tokens=(128,), peers=())
+    assert harness.kernel_ceilings(GPT2Config(), plan, said.append) == {}
+    assert said == ["kernel ceiling not measured for prompt 32 + 128 new tokens: MemoryError: no room for the weights"]
