@@ -129,7 +129,7 @@ def _session(model_path: str | bytes, threads: int):
 
 
 class LinearRunner:
-    """The linear layers at a given M; `__call__` runs one pass."""
+    """The linear layers' session; `run` is one pass over the rows `inputs` makes."""
 
     def __init__(self, cfg: GPT2Config, threads: int, seed: int, work_dir: Path):
         path = work_dir / "linear.onnx"
@@ -181,8 +181,11 @@ class AttentionRunner:
                 caches.append(arr)
         return binding, caches, qkv
 
-    def run(self, binding) -> list[np.ndarray]:
+    def run(self, binding) -> None:
         self.session.run_with_iobinding(binding)
+
+    @staticmethod
+    def attention_outputs(binding) -> list[np.ndarray]:
         return [o.numpy() for o in binding.get_outputs()[0::3]]                     # n_layer x (B, 1, C)
 
 

@@ -35,7 +35,8 @@ def test_attention_reads_position_plus_one_slots_and_writes_in_place():
     runner = AttentionRunner(TINY, threads=1)
     binding, caches, qkv = runner.bind(B, pos)
     before = [c.copy() for c in caches]
-    ys = runner.run(binding)
+    runner.run(binding)
+    ys = runner.attention_outputs(binding)
     q, k, v = (qkv[:, 0, j * C:(j + 1) * C].reshape(B, nh, hs) for j in range(3))  # (B, nh, hs)
     for i, y in enumerate(ys):
         K, V = caches[2 * i], caches[2 * i + 1]                                     # (B, nh, pos + 1, hs)
