@@ -37,6 +37,12 @@ def run_bench(*args, **kwargs):
     return run(*args, **kwargs)
 
 
+def _physical_cores() -> int:
+    """The default thread count of the bench commands."""
+    import psutil
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
 def _default_work_dir() -> Path:
     from engine.generator import default_cache_dir
     return default_cache_dir() / "bench"
@@ -118,8 +124,7 @@ def bench(ctx, models, init, seed, init_range, batches, prompt_lens, new_tokens,
         for name, v in QUICK.items():
             if ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None):
                 values[name] = v
-    import psutil
-    threads = threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    threads = threads or _physical_cores()
     chosen_peers = tuple(dict.fromkeys(peer_list)) if peer_list else (DEFAULT_PEERS if peers else ())
     if peer_list and not peers:
         raise click.UsageError("--peer and --no-peers contradict each other: give one")
@@ -175,11 +180,10 @@ def bench_kernels(models, batches, prompt_len, new_tokens, threads, repeats):
     would be for a graph made of these kernels only; an engine close to it is bounded by the kernels,
     not by its graph (benchmarks/kernel_scaling.py).
     """
-    import psutil
     from benchmarks.kernel_scaling import measure, report
     from engine.config import SIZES, canonical_size_name
     from engine.errors import InputError
-    threads = threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    threads = threads or _physical_cores()
     for model in dict.fromkeys(models):
         size = canonical_size_name(model)
         if size is None:
