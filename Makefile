@@ -23,6 +23,7 @@ demo: $(VENV)/.installed
 	$(CLI) generate $(ART) "The meaning of life is" --max-new-tokens 64 --seed 0 --timings
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 test-slow: $(VENV)/.installed

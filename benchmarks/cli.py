@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from engine.cli_errors import friendly_errors
+from cli.errors import friendly_errors
 
 # The harness's vocabulary, repeated here so that loading the `gpt2-engine` group (every CLI call)
 # does not import the harness and numpy; tests/test_bench_harness.py checks the two agree.

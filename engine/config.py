@@ -30,7 +30,7 @@ class GPT2Config:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GPT2Config":
+    def from_dict(cls, d: dict) -> GPT2Config:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

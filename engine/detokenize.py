@@ -11,7 +11,8 @@ Decoding with the prefix, not the new ids alone, keeps decoders that look at nei
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 _REPLACEMENT = "\ufffd"  # what a decoder writes for an incomplete or invalid UTF-8 sequence
 

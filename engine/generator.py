@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
-from engine.artifact import Artifact, is_current_export, load_artifact
+from engine.artifact import Artifact, load_artifact
 from engine.errors import ArtifactError, InputError
 from engine.loop import LoopTimings, RowState, new_row, run_loop, sequence_logits
 from engine.sampling import SamplingParams
@@ -58,11 +57,11 @@ class Generator:
         self.load_s = load_s
         # A TensorRT engine's cache length is fixed at build time and may be below the model's context.
         self.max_context = min(self.config.n_positions, artifact.max_capacity,
-                               getattr(backend, "fixed_capacity", None) or artifact.max_capacity)
+                               backend.fixed_capacity or artifact.max_capacity)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, backend: str = "ort", device: str = "cpu",
-                        threads: int | None = None, **backend_options) -> "Generator":
+                        threads: int | None = None, **backend_options) -> Generator:
         """Load a model directory made by `gpt2-engine export`. backend: 'ort' (CPU/CUDA) or 'trt'."""
         from tokenizers import Tokenizer
 
@@ -172,7 +171,7 @@ class Generator:
     def close(self) -> None:
         self.backend.close()
 
-    def __enter__(self) -> "Generator":
+    def __enter__(self) -> Generator:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -182,31 +181,3 @@ class Generator:
 def _capacity(rows: list[RowState]) -> int:
     """Cache slots a request needs: its longest prompt + new tokens (<= the context, checked earlier)."""
     return max(len(r.prompt_ids) + r.params.max_new_tokens for r in rows)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("GPT2_ENGINE_CACHE", Path.home() / ".cache" / "gpt2-engine"))
-
-
-def resolve_model_dir(model: str, precision: str = "fp32", init: str | None = None, seed: int = 0,
-                      cache_dir: Path | None = None, show_progress: bool = True) -> Path:
-    """A model directory for `model`: itself if it is one, else export it once into the cache dir."""
-    p = Path(model).expanduser()
-    if (p / "manifest.json").is_file():
-        return p
-    from engine.config import canonical_size_name
-    size = canonical_size_name(model)
-    if p.is_dir() and size is None:  # a checkpoint directory: export it next to the cache, keyed by path
-        import hashlib
-        key = f"ckpt-{hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:12]}-{precision}"
-    elif size is not None:
-        key = f"{size}-{precision}" + (f"-random-seed{seed}" if init == "random" else "")
-    else:
-        raise InputError(f"{model!r} is neither a model directory, a checkpoint directory, nor a known model name "
-                         "(gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2)")
-    target = (cache_dir or default_cache_dir()) / key
-    if not is_current_export(target):  # absent, partial, or made by an older exporter: export again
-        from export.exporter import export_model
-        export_model(model, target, precision=precision, init=init, seed=seed, force=True,
-                     show_progress=show_progress)
-    return target

@@ -59,7 +59,7 @@ def prefill(backend: Backend, cache, rows: list[RowState], pad_id: int) -> np.nd
     ids = np.full((len(rows), T), pad_id, np.int64)                          # (B, T) right-padded
     for b, r in enumerate(rows):
         ids[b, :lengths[b]] = r.prompt_ids
-    chunk = int(getattr(backend, "max_prompt", 0) or T)
+    chunk = backend.max_prompt or T
     last = lengths - 1                                                       # (B,) each row's last token
     out = None
     for start in range(0, T, chunk):
@@ -79,7 +79,7 @@ def sequence_logits(backend: Backend, token_ids: np.ndarray) -> np.ndarray:
     """
     ids = np.asarray(token_ids, np.int64)[None]                              # (1, T)
     T = ids.shape[1]
-    chunk = int(getattr(backend, "max_prompt", 0) or T)
+    chunk = backend.max_prompt or T
     cache = backend.new_cache(1, T)
     parts = [backend.forward(cache, ids[:, s:s + chunk], np.full(1, s, np.int64),
                              np.arange(min(chunk, T - s))[None])[0] for s in range(0, T, chunk)]
@@ -124,9 +124,9 @@ def _advance(row: RowState, token: int, eos_id: int, position: int, capacity: in
 
 def run_loop(backend: Backend, rows: list[RowState], capacity: int, eos_id: int, timings: LoopTimings):
     """Prefill then decode until every row is done; yields after each step."""
+    t0 = time.perf_counter()  # TTFT counts the cache allocation too (one definition: see LoopTimings)
     cache = backend.new_cache(len(rows), capacity)
     positions = np.array([len(r.prompt_ids) for r in rows], np.int64)       # (B,) slot of the next token
-    t0 = time.perf_counter()
     logits = prefill(backend, cache, rows, pad_id=eos_id)
     tokens = _sample(logits, rows)
     for b, r in enumerate(rows):

@@ -21,8 +21,8 @@ from tqdm import tqdm
 from engine import artifact as io
 from engine.errors import CheckpointError, EngineError
 from export.checkpoint import Checkpoint, random_checkpoint, resolve_checkpoint, sha256_file
-from export.quantize import quantize_weights_int8
 from export.graph import build_decoder_graph, resolve_attention
+from export.quantize import quantize_weights_int8
 from export.tokenizer import tokenizer_for_checkpoint
 
 # Protobuf cannot hold more than 2 GB: past this the weights go to model.onnx.data.

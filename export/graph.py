@@ -24,8 +24,8 @@ C n_embd, nh heads, hs head size, V vocab.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx

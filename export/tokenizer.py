@@ -26,7 +26,7 @@ N_MERGES = 50_000  # 50,256 ranks - 256 single bytes
 VOCAB_SHA256_PREFIX = "196139668be6"
 MERGES_SHA256_PREFIX = "1ce1664773c5"
 SHIPPED_TOKENIZER = Path(engine.__file__).resolve().parent / "data" / "gpt2_tokenizer.json"
-DEFAULT_RANKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2.tiktoken"
+DEFAULT_RANKS = Path(__file__).resolve().parent / "data" / "gpt2.tiktoken"  # origin + licence: data/README.md
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=SHIPPED_TOKENIZER, help=f"tokenizer.json to write (default {SHIPPED_TOKENIZER})")
     args = parser.parse_args(argv)
     if not args.ranks.is_file():
-        parser.error(f"ranks file not found: {args.ranks} (GPT-2's gpt2.tiktoken, see shared/data/README.md)")
+        parser.error(f"ranks file not found: {args.ranks} (GPT-2's gpt2.tiktoken, see export/data/README.md)")
 
     vocab, merges = rebuild_vocab_and_merges(args.ranks)
     # The rebuild is exact only if it reproduces GPT-2's original files byte for byte.

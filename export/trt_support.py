@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import onnx
 from onnx import TensorProto
 
-TRT_MIN_VERSION = (10, 15)   # first release whose parser maps TensorScatter to IKVCacheUpdateLayer
+from engine.backends.trt_plan import TRT_MIN_VERSION  # the runtime checks it too: one constant
+
 OPSET_RANGE = (9, 24)        # "TensorRT 10.15 supports operators in the inclusive range of opset 9 to opset 24"
 
 SOURCES = {

@@ -29,6 +29,9 @@ import pytest
 
 from engine.config import SIZES, GPT2Config
 
+# Shared runtime fixtures (tiny_model, tiny_gen): registered once here, not imported by each test module.
+pytest_plugins = ["tests.runtime_fixtures"]
+
 TINY = GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=50257, n_positions=1024)  # real vocab: real ids
 PARITY_INIT = 0.02
 DIVERSE_INIT = 0.1

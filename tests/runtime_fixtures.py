@@ -9,7 +9,8 @@ Init range 0.1 (0.3 for the 2-layer tiny config), not GPT-2's 0.02: with 0.02 a 
 output is nearly one token repeated, so token-level parity would prove little (DESIGN.md, "Random
 weights and weak tests").
 
-Test modules import the fixtures they use: `from tests.runtime_fixtures import tiny_model, ...`.
+The fixtures (tiny_model, tiny_gen) are registered for every test module by conftest.py's
+`pytest_plugins`; helpers and constants are imported by name.
 """
 
 from __future__ import annotations
@@ -127,12 +128,12 @@ def hf_generate(hf, prompt_ids: list[int], max_new_tokens: int, **kwargs) -> lis
 
 def run_cli(*args: str, env: dict | None = None, stdin: str | None = None,
             timeout: float = 120) -> subprocess.CompletedProcess:
-    """`python -m engine.cli ARGS` in a subprocess, as a user would run it.
+    """`python -m cli ARGS` in a subprocess, as a user would run it.
 
     stdout/stderr are decoded as UTF-8 without newline translation: generated text may hold '\\r'.
     """
     full_env = {**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})}
-    r = subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, env=full_env, cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, env=full_env, cwd=REPO,
                        input=None if stdin is None else stdin.encode(), timeout=timeout)
     return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode("utf-8"), r.stderr.decode("utf-8"))
 

@@ -18,7 +18,7 @@ import pytest
 from engine.backends.ort import OrtBackend
 from engine.loop import decode_step, new_row, prefill
 from engine.sampling import SamplingParams
-from tests.runtime_fixtures import EOS, PROMPTS, TINY_INIT, load_generator, make_model, tiny_gen, tiny_model  # noqa: F401 (fixtures)
+from tests.runtime_fixtures import EOS, PROMPTS, TINY_INIT, load_generator, make_model
 
 COPY_WARNING = "copying past_cache to present_cache"
 

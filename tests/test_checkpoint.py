@@ -13,8 +13,14 @@ import pytest
 from engine.config import SIZES, GPT2Config
 from engine.errors import CheckpointError
 from export import checkpoint as ck
-from export.checkpoint import (expected_shapes, find_in_hub_cache, load_checkpoint_dir, random_checkpoint,
-                               resolve_checkpoint, save_checkpoint)
+from export.checkpoint import (
+    expected_shapes,
+    find_in_hub_cache,
+    load_checkpoint_dir,
+    random_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from tests.conftest import TINY
 
 HASH = "607a30d783dfa663caf39e06633721c8d4cfcd7e"  # any 40-hex commit id

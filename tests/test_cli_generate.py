@@ -17,11 +17,13 @@ from click.testing import CliRunner
 
 import engine.config
 import export.exporter
+import export.model_cache
 from engine.artifact import GRAPH_VERSION
 from engine.errors import InputError
-from engine.generator import Generator, resolve_model_dir
+from engine.generator import Generator
 from engine.sampling import SamplingParams
-from tests.runtime_fixtures import PROMPTS, TINY, TINY_INIT, run_cli, tiny_model  # noqa: F401 (fixtures)
+from export.model_cache import resolve_model_dir
+from tests.runtime_fixtures import PROMPTS, TINY, TINY_INIT, run_cli
 
 LABEL = "[distilgpt2 (RANDOM weights, seed 0: output is not language)]"
 
@@ -130,7 +132,7 @@ def exports(monkeypatch, tmp_path):
         calls.append((args, kwargs))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(export.exporter, "export_model", counting)
+    monkeypatch.setattr(export.model_cache, "export_model", counting)
     return calls
 
 
@@ -178,7 +180,7 @@ def test_model_directory_and_unknown_names(exports, tiny_model):
 
 def test_cli_generate_by_name_exports_once(exports, tmp_path):
     runner = CliRunner()
-    from engine.cli import main
+    from cli.main import main
     args = ["generate", "distilgpt2", "--init", "random", "Hello", "-n", "4", "--seed", "0"]
     first = runner.invoke(main, args)
     second = runner.invoke(main, args)

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from engine.sampling import SamplingParams
-from tests.runtime_fixtures import PROMPTS, tiny_gen, tiny_model  # noqa: F401 (fixtures)
+from tests.runtime_fixtures import PROMPTS
 
 N_THREADS = 8
 

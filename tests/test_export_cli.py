@@ -26,7 +26,7 @@ def _decoded(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def run_cli(*args, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return _decoded(subprocess.run([sys.executable, "-m", "engine.cli", *map(str, args)], capture_output=True,
+    return _decoded(subprocess.run([sys.executable, "-m", "cli", *map(str, args)], capture_output=True,
                                    timeout=timeout, env={**os.environ, **(env or {})}))
 
 
@@ -183,7 +183,7 @@ def test_init_random_is_labelled(tmp_path):
     tiny config in that process only (the real one costs ~10 s of random numbers for the same code path)."""
     out = tmp_path / "model"
     patch = ("import sys, engine.config as c; from tests.conftest import TINY; c.SIZES['distilgpt2'] = TINY; "
-             "from engine.cli import main; sys.argv[0] = 'gpt2-engine'; main()")
+             "from cli.main import main; sys.argv[0] = 'gpt2-engine'; main()")
     proc = _decoded(subprocess.run([sys.executable, "-c", patch, "export", "distilgpt2", "--init", "random",
                                     "--seed", "7", "--out", str(out)], capture_output=True, timeout=300,
                                    cwd=Path(__file__).resolve().parents[1]))

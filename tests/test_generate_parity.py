@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from engine.sampling import SamplingParams
-from tests.runtime_fixtures import (EOS, PROMPT_IDS, PROMPTS, TINY_INIT, Model, distinct, hf_generate, hf_model, load_generator,
-                                    make_model, tiny_gen, tiny_model)  # noqa: F401 (fixtures)
+from tests.runtime_fixtures import EOS, PROMPT_IDS, PROMPTS, TINY_INIT, Model, distinct, hf_generate, hf_model, load_generator, make_model
 
 N_NEW = 64
 SEEDS = (0, 1)

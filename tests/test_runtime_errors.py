@@ -15,7 +15,7 @@ import pytest
 from engine.errors import ArtifactError, InputError
 from engine.generator import Generator
 from engine.sampling import SamplingParams
-from tests.runtime_fixtures import EOS, run_cli, tiny_gen, tiny_model  # noqa: F401 (fixtures)
+from tests.runtime_fixtures import EOS, run_cli
 
 CTX = 1024
 THE = 262  # " the": one token, so " the" * n is a prompt of exactly n tokens

@@ -1,6 +1,7 @@
 """Sampling: parameter validation, the support of top-k / top-p, reproducibility, per-row parameters,
 and parity with Hugging Face's logits processors (exact probabilities and sampled frequencies)."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -53,7 +54,7 @@ def test_defaults_and_conversions():
     assert SamplingParams(top_k=1).is_greedy and SamplingParams(temperature=0).is_greedy
     g = SamplingParams.greedy(max_new_tokens=5)
     assert g.is_greedy and g.max_new_tokens == 5
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         p.top_k = 3  # frozen: a request's parameters cannot change under it
 
 

@@ -76,7 +76,7 @@ def _write_artifact(out: Path, cfg: GPT2Config, weights: dict, precision: str) -
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     from export.checkpoint import random_weights
-    from engine.trt_build import build_engine
+    from export.trt_build import build_engine
     root = tmp_path_factory.mktemp("tiny")
     w = random_weights(TINY, seed=0, init_range=0.1)
     fp16 = _write_artifact(root / "fp16", TINY, w, "fp16")
@@ -116,9 +116,10 @@ def _greedy(backend, prompts: np.ndarray, steps: int) -> np.ndarray:
 
 
 def test_build_writes_plan_metadata_and_timing_cache(tiny_dirs):
-    from engine.trt_build import build_engine, find_engine
+    from engine.backends.trt_plan import find_engine
+    from export.trt_build import build_engine
     fp16 = tiny_dirs[0]
-    plan, meta = find_engine(fp16, progress=None)
+    plan, meta = find_engine(fp16)
     assert plan.is_file() and (plan.parent / f"{meta['key']}.json").is_file()
     assert (fp16 / io.ENGINES_DIR / "timing.cache").is_file()
     assert meta["precision"] == "fp16" and meta["capacity"] == CAPACITY and len(meta["profiles"]) == 2
@@ -127,13 +128,13 @@ def test_build_writes_plan_metadata_and_timing_cache(tiny_dirs):
 
 
 def test_engine_from_another_tensorrt_is_refused_with_a_fix(tiny_dirs, tmp_path):
-    from engine.trt_build import find_engine
+    from engine.backends.trt_plan import find_engine
     copy = shutil.copytree(tiny_dirs[0], tmp_path / "copy")
     meta_file = next((copy / io.ENGINES_DIR).glob("*.json"))
     meta = json.loads(meta_file.read_text())
     meta_file.write_text(json.dumps(meta | {"tensorrt_version": "0.0.0"}))
     with pytest.raises(ArtifactError, match=r"built for TensorRT 0\.0\.0 .* run `gpt2-engine build .*` again"):
-        find_engine(copy, progress=None)
+        find_engine(copy)
 
 
 def test_prefill_then_decode_equals_one_full_forward(trt_backend):
@@ -180,8 +181,8 @@ def test_generator_on_trt_matches_ort(tmp_path):
     """Through the public API (engine.generator, written separately): distilgpt2-sized random weights."""
     generator = pytest.importorskip("engine.generator", reason="engine/generator.py not written yet")
     from engine.sampling import SamplingParams
-    from engine.trt_build import build_engine
     from export.exporter import export_model
+    from export.trt_build import build_engine
     fp16 = export_model("distilgpt2", tmp_path / "fp16", precision="fp16", init="random", init_range=0.1,
                         show_progress=False)
     fp32 = export_model("distilgpt2", tmp_path / "fp32", precision="fp32", init="random", init_range=0.1,

@@ -7,8 +7,8 @@ without a GPU (tests/test_trt_gpu.py holds the rest).
 from __future__ import annotations
 
 import json
-import sys
 import re
+import sys
 
 import numpy as np
 import onnx
@@ -16,12 +16,21 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from engine import artifact as io
-from engine.backends.trt_plan import (DECODE, PREFILL, cache_buffer_nbytes, check_step, choose_profile,
-                                      input_buffer_nbytes, logits_nbytes, step_shapes)
+from engine.backends.trt_plan import (
+    DECODE,
+    PREFILL,
+    cache_buffer_nbytes,
+    check_step,
+    choose_profile,
+    input_buffer_nbytes,
+    logits_nbytes,
+    read_engine_metadata,
+    select_engine,
+    step_shapes,
+)
 from engine.config import SIZES, GPT2Config
 from engine.errors import ArtifactError, InputError
-from engine.trt_build import (engine_cache_key, plan_profiles, read_engine_metadata, select_engine,
-                              write_atomic)
+from export.trt_build import engine_cache_key, plan_profiles, write_atomic
 from export.trt_support import SOURCES, SUPPORTED_OPS, UNSUPPORTED_OPS, check_graph_for_tensorrt
 
 TINY = GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=128, n_positions=64)
@@ -334,15 +343,15 @@ def _tiny_artifact(out, precision):
 
 
 def test_missing_tensorrt_says_how_to_install(monkeypatch):
+    from engine.backends.trt_plan import import_tensorrt
     from engine.errors import BackendUnavailable
-    from engine.trt_build import import_tensorrt
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import raises ImportError
     with pytest.raises(BackendUnavailable, match=r"pip install tensorrt-cu12 pycuda"):
         import_tensorrt()
 
 
 def test_build_refuses_an_fp32_export(tmp_path):
-    from engine.trt_build import build_engine
+    from export.trt_build import build_engine
     d = _tiny_artifact(tmp_path / "fp32", "fp32")
     with pytest.raises(ArtifactError, match=r"fp32 export.*--precision fp16"):
         build_engine(d, max_batch=2, max_prompt=8, progress=None)
@@ -351,7 +360,7 @@ def test_build_refuses_an_fp32_export(tmp_path):
 def test_build_checks_the_graph_before_touching_tensorrt(tmp_path, monkeypatch):
     import export.trt_support as support
     from engine.errors import BackendUnavailable
-    from engine.trt_build import build_engine
+    from export.trt_build import build_engine
     d = _tiny_artifact(tmp_path / "fp16", "fp16")
     monkeypatch.setattr(support, "check_graph_for_tensorrt", lambda m: ["/h.0/attn/Slice (Slice): bad"])
     with pytest.raises(ArtifactError, match=r"1 construct\(s\) TensorRT rejects:\n  /h.0/attn/Slice"):

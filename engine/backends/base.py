@@ -18,7 +18,13 @@ class KVCache(Protocol):
 
 
 class Backend(Protocol):
+    """What the loop and the Generator read of a backend. ONNX Runtime's values are the defaults: no
+    prefill limit, any capacity up to the artifact's, any batch."""
+
     name: str
+    max_prompt: int              # longest prefill (new tokens) per forward; 0 = no limit (a TensorRT profile sets one)
+    fixed_capacity: int | None   # the only cache capacity the backend serves (TensorRT); None = any
+    max_batch: int | None        # most rows per forward (TensorRT profile); None = no limit
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         """Allocate the per-layer key/value buffers once: (batch, n_head, capacity, head_dim) each."""

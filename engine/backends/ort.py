@@ -46,6 +46,9 @@ def _check_io(session, artifact: Artifact) -> None:
 
 class OrtBackend:
     name = "ort"
+    max_prompt = 0           # any prompt length in one forward
+    fixed_capacity = None    # caches of any capacity up to the artifact's
+    max_batch = None
 
     def __init__(self, artifact: Artifact, device: str = "cpu", threads: int | None = None,
                  optimized_model_path: str | None = None):

@@ -40,10 +40,19 @@ import numpy as np
 
 from engine import artifact as io
 from engine.artifact import Artifact
-from engine.backends.trt_plan import (cache_buffer_nbytes, check_step, choose_profile, input_buffer_nbytes,
-                                      logits_nbytes, step_shapes)
+from engine.backends.trt_plan import (
+    INSTALL_HINT,
+    cache_buffer_nbytes,
+    check_step,
+    choose_profile,
+    find_engine,
+    import_tensorrt,
+    input_buffer_nbytes,
+    logits_nbytes,
+    read_engine_metadata,
+    step_shapes,
+)
 from engine.errors import BackendUnavailable, EngineError, InputError
-from engine.trt_build import INSTALL_HINT, find_engine, import_tensorrt, read_engine_metadata
 
 _STEP_INPUTS = (io.INPUT_IDS, io.CACHE_POSITIONS, io.LOGITS_INDICES)  # small int64 inputs, staged per step
 
@@ -120,7 +129,7 @@ class _Gpu:
 class TrtBackend:
     name = "trt"
 
-    def __init__(self, artifact: Artifact, engine_path: str | Path | None = None, rebuild: bool = False):
+    def __init__(self, artifact: Artifact, engine_path: str | Path | None = None):
         trt = import_tensorrt()
         cuda, cuda_ctx = _import_pycuda()
         self.artifact, self.config, self.precision = artifact, artifact.config, artifact.precision
@@ -128,7 +137,7 @@ class TrtBackend:
         self._pairs = io.cache_io_pairs(self.config.n_layer)
 
         if engine_path is None:
-            plan_path, meta = find_engine(artifact.path, rebuild=rebuild)
+            plan_path, meta = find_engine(artifact.path)
         else:
             plan_path = Path(engine_path)
             meta = next((m for m in read_engine_metadata(artifact.path) if m.get("plan") == plan_path.name), None)

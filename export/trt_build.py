@@ -1,9 +1,9 @@
-"""TensorRT engine build and lookup: model directory -> engines/<key>.plan + engines/<key>.json.
+"""TensorRT engine build: model directory -> engines/<key>.plan + engines/<key>.json (a build stage).
 
 An engine is tied to the TensorRT version, the GPU, the precision, the optimization profiles and the
 exact ONNX bytes, so all of them go into the cache key and into the metadata file beside the plan.
-The loader (`find_engine`) refuses an engine built for another TensorRT or GPU with a message that
-says what to re-run.
+Finding and validating a built engine is the runtime's job (engine/backends/trt_plan.py): loading a
+model never compiles one.
 
 Precision: the engine is built from the fp16 graph by default. TensorRT 11 removed BuilderFlag.FP16
 and weak typing; the network is strongly typed (we ask for it on 10.x too: one path), so the graph's
@@ -11,8 +11,8 @@ own casts decide what runs in fp32 (LayerNorm, GELU, softmax, the residual strea
 would build into a plain fp32 engine that is several times slower; it is refused unless the caller
 passes `allow_fp32=True` (useful to separate fp16 error from engine bugs when debugging parity).
 
-The pure parts (profiles, cache key, metadata matching) run and are tested on CPU; everything that
-touches TensorRT imports it lazily, so this module imports on machines without it.
+The pure parts (profiles, cache key) run and are tested on CPU; everything that touches TensorRT
+imports it lazily, so this module imports on machines without it.
 
 Checked against (TensorRT Python API, 10.x and 11.x pages on docs.nvidia.com):
   Builder / create_network / NetworkDefinitionCreationFlag.STRONGLY_TYPED (deprecated + ignored in 11.0:
@@ -27,31 +27,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 from engine import artifact as io
-from engine.artifact import Artifact, load_artifact
-from engine.backends.trt_plan import DECODE, PREFILL, PROFILE_NAMES
+from engine.artifact import load_artifact
+from engine.backends.trt_plan import DECODE, METADATA_FORMAT, PREFILL, PROFILE_NAMES, gpu_identity, import_tensorrt, onnx_identity
 from engine.config import GPT2Config
-from engine.errors import ArtifactError, BackendUnavailable, EngineError, InputError
+from engine.errors import ArtifactError, EngineError, InputError
 
-METADATA_FORMAT = 1
 DEFAULT_WORKSPACE_BYTES = 4 << 30  # builder scratch for tactics; TensorRT uses less when it can
 TIMING_CACHE_FILE = "timing.cache"  # default location: <dir>/engines/timing.cache
-
-INSTALL_HINT = (
-    "the TensorRT backend needs TensorRT >= 10.15 and pycuda with an NVIDIA GPU and driver: "
-    "`pip install tensorrt-cu12 pycuda` (or tensorrt-cu13 for CUDA 13; the wheels fetch NVIDIA's libraries "
-    "from pypi.nvidia.com), or `pip install 'gpt2-engine[trt]'`; or install TensorRT from NVIDIA's "
-    "tar/deb packages and its Python wheel. Without a GPU use `--backend ort`"
-)
 
 Progress = Callable[[str], None]
 
@@ -59,10 +49,6 @@ Progress = Callable[[str], None]
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
-
-# ---------------------------------------------------------------------------------------------------
-# Pure: profiles, cache key, metadata matching
-# ---------------------------------------------------------------------------------------------------
 
 def plan_profiles(config: GPT2Config, max_batch: int, max_prompt: int, capacity: int,
                   precision: str = "fp16", opt_batch: int = 1, opt_prompt: int | None = None) -> list[dict]:
@@ -115,68 +101,6 @@ def engine_cache_key(trt_version: str, gpu_name: str, compute_capability: str, p
     return f"{precision}-sm{sm}-trt{trt_version}-{digest}"
 
 
-def onnx_identity(art: Artifact) -> str:
-    """sha256 over the ONNX file(s): from the manifest when the exporter recorded it, else hashed now."""
-    recorded = art.manifest.get("onnx_sha256")
-    if isinstance(recorded, dict) and recorded:
-        return hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()
-    files = [art.model_path]
-    extra = art.manifest.get("external_data_file")
-    if extra:
-        files.append(art.path / extra)
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def _describe(meta: dict) -> str:
-    return f"TensorRT {meta.get('tensorrt_version')} on {meta.get('gpu_name')} (sm {meta.get('compute_capability')})"
-
-
-def select_engine(artifact_dir: Path, metas: list[dict], trt_version: str, gpu_name: str,
-                  compute_capability: str, precision: str, onnx_sha256: str | None = None,
-                  capacity: int | None = None) -> dict:
-    """The newest engine built by this TensorRT for this GPU (and these weights); else a fix-it error."""
-    if not metas:
-        raise ArtifactError(f"no TensorRT engine in {artifact_dir / io.ENGINES_DIR}: "
-                            f"build one with `gpt2-engine build {artifact_dir}`")
-    here = {"tensorrt_version": trt_version, "gpu_name": gpu_name, "compute_capability": compute_capability}
-    newest_first = sorted(metas, key=lambda m: m.get("built_at", ""), reverse=True)
-    same_target = [m for m in newest_first if all(m.get(k) == v for k, v in here.items())]
-    if not same_target:
-        m = newest_first[0]
-        raise ArtifactError(f"{artifact_dir}: the engine was built for {_describe(m)}, this is {_describe(here)}: "
-                            f"run `gpt2-engine build {artifact_dir}` again")
-    fits = [m for m in same_target if m.get("precision") == precision
-            and (onnx_sha256 is None or m.get("onnx_sha256") == onnx_sha256)
-            and (capacity is None or m.get("capacity") == capacity)]
-    if not fits:
-        m = same_target[0]
-        why = (f"precision {m.get('precision')} (artifact is {precision})" if m.get("precision") != precision else
-               "an older model.onnx" if onnx_sha256 is not None and m.get("onnx_sha256") != onnx_sha256 else
-               f"cache capacity {m.get('capacity')} (asked for {capacity})")
-        raise ArtifactError(f"{artifact_dir}: the engine for {_describe(here)} was built from {why}: "
-                            f"run `gpt2-engine build {artifact_dir}` again")
-    return fits[0]
-
-
-def read_engine_metadata(artifact_dir: Path) -> list[dict]:
-    """Every engines/*.json whose plan file exists (a crashed build leaves neither behind)."""
-    d = Path(artifact_dir) / io.ENGINES_DIR
-    metas = []
-    for f in sorted(d.glob("*.json")) if d.is_dir() else []:
-        try:
-            meta = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(meta, dict) and meta.get("format") == METADATA_FORMAT and (d / meta.get("plan", "")).is_file():
-            metas.append(meta)
-    return metas
-
-
 def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temp file in the same directory, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,49 +114,6 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-# ---------------------------------------------------------------------------------------------------
-# TensorRT and the GPU (lazy imports)
-# ---------------------------------------------------------------------------------------------------
-
-def _version_tuple(v: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in v.split(".")[:2] if p.isdigit())
-
-
-def import_tensorrt():
-    """The tensorrt module, >= 10.15; else BackendUnavailable with install instructions."""
-    try:
-        import tensorrt as trt
-    except Exception as e:  # noqa: BLE001 -- ImportError, or OSError from missing native libraries
-        raise BackendUnavailable(f"TensorRT is not importable ({type(e).__name__}: {e}); {INSTALL_HINT}") from None
-    from export.trt_support import TRT_MIN_VERSION
-    if _version_tuple(trt.__version__) < TRT_MIN_VERSION:
-        raise BackendUnavailable(f"TensorRT {trt.__version__} is too old: the KV-cache update (ONNX TensorScatter) "
-                                 f"needs >= {'.'.join(map(str, TRT_MIN_VERSION))}; {INSTALL_HINT}")
-    return trt
-
-
-def gpu_identity(device: int = 0) -> tuple[str, str]:
-    """(GPU name, compute capability 'major.minor') from pycuda, else from nvidia-smi."""
-    try:
-        import pycuda.driver as cuda
-        cuda.init()
-        dev = cuda.Device(device)
-        major, minor = dev.compute_capability()
-        return dev.name(), f"{major}.{minor}"
-    except Exception:  # noqa: BLE001 -- pycuda missing or unbuildable: ask the driver's tool
-        pass
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        raise BackendUnavailable(f"no NVIDIA GPU found (no pycuda device, no nvidia-smi); {INSTALL_HINT}")
-    try:
-        out = subprocess.run([exe, f"--id={device}", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=True).stdout.strip()
-        name, cc = (s.strip() for s in out.splitlines()[0].rsplit(",", 1))
-    except (OSError, subprocess.SubprocessError, IndexError, ValueError) as e:
-        raise BackendUnavailable(f"cannot query GPU {device} with nvidia-smi ({e}); {INSTALL_HINT}") from None
-    return name, cc
 
 
 def _strongly_typed_flags(trt) -> int:
@@ -348,25 +229,3 @@ def build_engine(artifact_dir: str | Path, max_batch: int = 8, max_prompt: int =
     write_atomic(meta_path, json.dumps(meta, indent=2).encode())
     say(f"built {plan_path} in {build_s:.0f} s")
     return plan_path
-
-
-def find_engine(artifact_dir: str | Path, capacity: int | None = None, rebuild: bool = False,
-                progress: Progress | None = _stderr) -> tuple[Path, dict]:
-    """(plan path, metadata) of the engine for this TensorRT + GPU; rebuild a stale one if asked."""
-    art = load_artifact(artifact_dir)
-    trt = import_tensorrt()
-    gpu_name, cc = gpu_identity()
-    metas = read_engine_metadata(art.path)
-    try:
-        meta = select_engine(art.path, metas, trt.__version__, gpu_name, cc, art.precision,
-                             onnx_identity(art), capacity)
-    except ArtifactError:
-        if not rebuild:
-            raise
-        old = sorted(metas, key=lambda m: m.get("built_at", ""))[-1] if metas else {}
-        build_engine(art.path, max_batch=old.get("max_batch", 8), max_prompt=old.get("max_prompt", 512),
-                     capacity=capacity or old.get("capacity"), progress=progress,
-                     allow_fp32=art.precision != "fp16")
-        meta = select_engine(art.path, read_engine_metadata(art.path), trt.__version__, gpu_name, cc,
-                             art.precision, onnx_identity(art), capacity)
-    return art.path / io.ENGINES_DIR / meta["plan"], meta

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from engine.cli_errors import friendly_errors
+from cli.errors import friendly_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -115,8 +115,9 @@ def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetitio
     """Generate text from PROMPT with MODEL: a model directory, or a name exported on first use into
     ~/.cache/gpt2-engine (override with GPT2_ENGINE_CACHE)."""
     from engine.errors import InputError
-    from engine.generator import Generator, resolve_model_dir
+    from engine.generator import Generator
     from engine.sampling import SamplingParams
+    from export.model_cache import resolve_model_dir
 
     if (prompt is None) == (batch_file is None):
         raise InputError("give either a PROMPT or --batch-file (not both)")
@@ -162,7 +163,9 @@ def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetitio
 @friendly_errors
 def build(directory, max_batch, max_prompt, capacity, timing_cache, force):
     """Compile DIR's fp16 ONNX graph into a TensorRT engine for this GPU (needs tensorrt >= 10.15 and a GPU)."""
-    from engine.trt_build import build_engine
+    from engine.backends.trt_plan import import_tensorrt
+    from export.trt_build import build_engine
+    import_tensorrt()  # before any work: without TensorRT, one line that says what to install
     plan = build_engine(directory, max_batch=max_batch, max_prompt=max_prompt, capacity=capacity,
                         timing_cache_path=timing_cache, force=force)
     click.echo(f"engine: {plan}")
