@@ -1,7 +1,8 @@
 """`gpt2-engine bench`: the engine beside HF transformers, CTranslate2 and the physical floor.
 
-A click command of its own (engine/cli.py adds it to the `gpt2-engine` group); also runnable alone:
-`python -m benchmarks.cli --quick`.
+Click commands of their own (cli/main.py adds them to the `gpt2-engine` group); `bench` is also
+runnable alone: `python -m benchmarks.cli --quick`. Both check the optional libraries they need
+before any work (benchmarks/extras.py; bench-kernels needs none: ONNX Runtime and onnx are core).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from click.core import ParameterSource
 
 from cli.errors import friendly_errors
 
-# The harness's vocabulary, repeated here so that loading the `gpt2-engine` group (every CLI call)
-# does not import the harness and numpy; tests/test_bench_harness.py checks the two agree.
+# The bench's vocabulary (benchmarks/runners.py, benchmarks/harness.py), repeated here so that loading
+# the `gpt2-engine` group (every CLI call) does not import them and numpy; tests/test_bench_harness.py
+# checks the two agree.
 ENGINE_BACKENDS = ("ort", "ort-int8", "ort-cuda", "trt")
 PEERS = ("hf", "ct2", "ct2-int8")
 DEFAULT_PEERS = ("hf", "ct2")
@@ -44,12 +46,12 @@ def _physical_cores() -> int:
 
 
 def _default_work_dir() -> Path:
-    from engine.generator import default_cache_dir
+    from export.model_cache import default_cache_dir
     return default_cache_dir() / "bench"
 
 
 def _model_spec(model: str, init: str, seed: int, init_range: float):
-    from benchmarks.harness import ModelSpec
+    from benchmarks.models import ModelSpec
     from engine.config import SIZES, canonical_size_name
     from engine.errors import InputError
     if Path(model).expanduser().is_dir():  # a directory is always a checkpoint, whatever --init says
@@ -117,7 +119,7 @@ def bench(ctx, models, init, seed, init_range, batches, prompt_lens, new_tokens,
 
     Writes results.jsonl, table.md and PNG plots to --out, then prints the conditions and the table.
     """
-    from benchmarks.harness import Plan
+    from benchmarks.extras import check_bench
     values = dict(models=models, batches=batches, prompt_lens=prompt_lens, new_tokens=new_tokens,
                   repeats=repeats, position_list=position_list)
     if quick:
@@ -128,6 +130,8 @@ def bench(ctx, models, init, seed, init_range, batches, prompt_lens, new_tokens,
     chosen_peers = tuple(dict.fromkeys(peer_list)) if peer_list else (DEFAULT_PEERS if peers else ())
     if peer_list and not peers:
         raise click.UsageError("--peer and --no-peers contradict each other: give one")
+    check_bench(chosen_peers)  # before any export or timing: a missing library is one line, now
+    from benchmarks.harness import Plan
     plan = Plan(batches=tuple(values["batches"]), prompt_lens=tuple(values["prompt_lens"]),
                 new_tokens=tuple(values["new_tokens"]), backends=tuple(dict.fromkeys(backends)),
                 peers=chosen_peers, threads=threads, repeats=values["repeats"], warmup=warmup,
@@ -152,10 +156,6 @@ def bench(ctx, models, init, seed, init_range, batches, prompt_lens, new_tokens,
                f"in {time.perf_counter() - t0:.0f} s", err=True)
     if not any(r.ok for r in result.records):
         sys.exit(1)
-
-
-if __name__ == "__main__":
-    bench()
 
 
 @click.command("bench-kernels", context_settings={"help_option_names": ["-h", "--help"]})
@@ -192,3 +192,7 @@ def bench_kernels(models, batches, prompt_len, new_tokens, threads, repeats):
                           progress=lambda msg: click.echo(msg, err=True))
         click.echo(report(size, results, threads))
         click.echo()
+
+
+if __name__ == "__main__":
+    bench()

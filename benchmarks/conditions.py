@@ -73,7 +73,7 @@ def _library_version(module: str, dist: str) -> str | None:
     return str(version)
 
 
-def _gpus() -> str | None:
+def gpus() -> str | None:
     """'NAME (driver D, M MiB)' per GPU, '; '-joined, from nvidia-smi; None without one."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
@@ -85,11 +85,11 @@ def _gpus() -> str | None:
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    gpus = []
+    found = []
     for line in out.strip().splitlines():
         name, driver, mem = (s.strip() for s in (line.split(",") + ["?", "?"])[:3])
-        gpus.append(f"{name} (driver {driver}, {mem} MiB)")
-    return "; ".join(gpus) or None
+        found.append(f"{name} (driver {driver}, {mem} MiB)")
+    return "; ".join(found) or None
 
 
 def _numpy_blas() -> str | None:
@@ -135,7 +135,7 @@ def collect_conditions() -> dict:
         "physical_cores": physical or psutil.cpu_count(logical=False),
         "logical_cores": os.cpu_count(),
         "ram_gb": round(psutil.virtual_memory().total / 1e9, 1),
-        "gpu": _gpus(),
+        "gpu": gpus(),
         "os": platform.platform(),
         "python": platform.python_version(),
         "versions": {name: _library_version(name, dist) for name, dist in LIBRARIES.items()},

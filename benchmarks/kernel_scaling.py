@@ -72,7 +72,8 @@ def linear_model(cfg: GPT2Config, seed: int, external: ExternalData) -> onnx.Mod
     rng = np.random.default_rng(seed)
     C = cfg.n_embd
     nodes, inits = [], []
-    starts, ends, axis1 = (_const(n, np.array([v], np.int64), inits) for n, v in (("starts", 0), ("ends", C), ("axis1", 1)))
+    starts, ends, axis1 = (_const(n, np.array([v], np.int64), inits)
+                           for n, v in (("starts", 0), ("ends", C), ("axis1", 1)))
     h = "x"                                                                          # (M, C)
     for i in range(cfg.n_layer):
         for name, W, b in layer_weights(cfg, rng):
@@ -262,10 +263,10 @@ def measure(cfg: GPT2Config, batches: tuple[int, ...], prompt_len: int = 32, new
         calls = {}
         for b in sizes:
             step, prompt = linear.inputs(b), linear.inputs(b, prompt_len)
-            calls[("step", b)] = lambda f=step: linear.run(f)
-            calls[("prefill", b)] = lambda f=prompt: linear.run(f)
+            calls[("step", b)] = lambda f=step, run=linear.run: run(f)
+            calls[("prefill", b)] = lambda f=prompt, run=linear.run: run(f)
         linear_times = _interleaved_best(calls, repeats)
-        del linear  # its thread pool would otherwise spin beside the next session's
+        del linear, calls  # its thread pool would otherwise spin beside the next session's
     progress(f"attention: {cfg.n_layer} GroupQueryAttention nodes, position {position}")
     attention = AttentionRunner(cfg, threads)
     bindings = {b: attention.bind(b, position)[0] for b in sizes}

@@ -1,11 +1,11 @@
 """The peers beside the engine, on the same weights and prompts: HF transformers and CTranslate2.
 
-Each peer implements the bench's runner interface (``Runner``: greedy / run / step_times_at / close),
-which the engine's own runner (harness.EngineRunner) implements too, so TTFT, per-step decode and
-end-to-end mean the same for all: TTFT runs from the call with token ids in hand to the first
-sampled token on the host, cache allocation included; every runner is given token ids, so
-tokenization is outside every timing; every runner generates exactly n tokens (no stop at
-<|endoftext|>), greedy.
+Each peer implements the bench's runner interface (``Runner``: greedy / run / close), which the
+engine's own runner (runners.EngineRunner) implements too, so TTFT, per-step decode and end-to-end
+mean the same for all: TTFT is the span defined once in benchmarks/records.py (from the call, token
+ids in hand, to the first token of every row on the host; cache allocation, prefill and the first
+sample inside); every runner is given token ids, so tokenization is outside every timing; every
+runner generates exactly n tokens (no stop at <|endoftext|>), greedy.
 
 ``hf_reference`` is the validation reference: HF `generate`, greedy, computed once per model.
 """
@@ -25,7 +25,7 @@ import numpy as np
 
 @dataclass
 class RunTiming:
-    """One generate call: TTFT, each decode step, and the whole call (seconds)."""
+    """One generate call: TTFT (benchmarks/records.py), each decode step, and the whole call (seconds)."""
 
     ttft_s: float
     step_s: list[float]
@@ -41,17 +41,16 @@ class Runner(Protocol):
         """Generate n greedy tokens for each row of ``prompts`` (B, T), timed."""
         ...
 
-    def step_times_at(self, prompts: np.ndarray, steps: int) -> list[float]:
-        """Prefill ``prompts`` (B, p) untimed, then return the times of ``steps`` single decode steps."""
-        ...
-
     def close(self) -> None:
         ...
 
     # Lossy runners (engine int8, CTranslate2 int8) also have `logits(ids) -> (T, V)`: one sequence's
-    # logits at every position, for the accuracy figures and the lossy gate (harness.accuracy_figures).
-    # Runners that can hold several prefilled caches at once (the engine, HF) also have
-    # `decode_stepper(prompts, steps) -> () -> seconds`, which lets the position sweep interleave.
+    # logits at every position, for the accuracy figures and the lossy gate (gates.accuracy_figures).
+    # For the position sweep, a runner has one of:
+    # - `decode_stepper(prompts, steps) -> () -> seconds` (the engine, HF: several prefilled caches at
+    #   once), which lets the sweep interleave positions;
+    # - `step_times_at(prompts, steps) -> [seconds]` (CTranslate2, whose stream runs in its own thread):
+    #   prefill ``prompts`` (B, p) untimed, then the times of ``steps`` single decode steps.
 
 
 def quiet_transformers() -> None:
@@ -123,11 +122,13 @@ class HFRunner:
         return out.logits[:, -1].argmax(-1)                                    # (B,)
 
     def _loop(self, prompts: np.ndarray, n: int) -> tuple[np.ndarray, RunTiming]:
+        """Generate and time the TTFT span (benchmarks/records.py): ids to a tensor, the cache, the
+        prefill forward and the first tokens copied to the host."""
         torch = self.torch
+        t0 = time.perf_counter()
         ids = torch.from_numpy(np.ascontiguousarray(prompts, dtype=np.int64))   # (B, T)
         out = np.empty((ids.shape[0], n), np.int64)
         with torch.inference_mode():
-            t0 = time.perf_counter()
             cache = self._new_cache()
             tok = self._forward(ids, cache)                                    # (B,)
             out[:, 0] = tok.numpy()
@@ -161,10 +162,6 @@ class HFRunner:
                 return time.perf_counter() - t0
         return step
 
-    def step_times_at(self, prompts, steps):
-        step = self.decode_stepper(prompts, steps)
-        return [step() for _ in range(steps)]
-
     def close(self):
         self.model = None
 
@@ -189,11 +186,14 @@ class CT2Runner:
         return self.gen.generate_tokens(toks, max_length=n, min_length=n, sampling_topk=1, end_token=[])
 
     def _loop(self, prompts: np.ndarray, n: int) -> tuple[np.ndarray, RunTiming]:
-        out = np.full((len(prompts), n), -1, np.int64)
-        step_at: dict[int, float] = {}          # step -> when its first row arrived
+        """Generate and time the TTFT span (benchmarks/records.py): ids to token strings, then the
+        stream up to step 0's token of every row. Rows of a step arrive one after another, before
+        any row of the next step, so a step is done when its last row arrives."""
         t0 = time.perf_counter()
+        out = np.full((len(prompts), n), -1, np.int64)
+        step_at: dict[int, float] = {}          # step -> when its last row arrived
         for r in self._stream(prompts, n):
-            step_at.setdefault(r.step, time.perf_counter())
+            step_at[r.step] = time.perf_counter()
             if r.step < n:
                 out[r.batch_id, r.step] = r.token_id
         end = time.perf_counter()

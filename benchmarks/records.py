@@ -21,17 +21,26 @@ Fields (None = not measured / not applicable):
                     "skipped: <reason>". Only "ok" records carry timings (parity before speed).
   warmup            untimed runs before the timed ones
   load_s            seconds from artifact/checkpoint on disk to ready-to-generate
-  ttft              time to first token: prefill + first sampled token, per run
-  decode_per_token  decode step time (one token per row), per run: mean step time of that run
-  e2e               prompt in -> all new tokens out, per run
+  ttft              time to first token (TTFT, defined below), per run
+  decode_per_token  decode step time (one token per row), per run: mean step time of that run; a step
+                    runs from one token of every row on the host to the next
+  e2e               the whole call: token ids in -> all new tokens on the host, per run
   tokens_per_s      batch * new_tokens / e2e, per run (see stats.rates for its percentiles' meaning)
   peak_rss_mb       peak resident memory of the process, MB (1e6 bytes)
   gpu_mem_mb        peak GPU memory, MB
   per_position      [[position, median step seconds], ...]: decode latency vs context length
   floor             floor.floor_record(...): bandwidth_GBps, gflops, decode_floor_s, prefill_floor_s, ...
-  ratios            derived comparisons, e.g. {"x_floor": 1.4, "speedup_vs_hf": 1.6}
+  ratios            derived comparisons, e.g. {"x_floor": 1.4, "decode_vs_hf": 0.6}
   conditions        conditions.collect_conditions() of the run, so one line is self-describing
   extra             anything else the runner wants to keep; unknown keys read from a file land here
+
+TTFT, the one definition every runner of the bench measures (the engine's, runners.EngineRunner,
+and the peers', peers.HFRunner and peers.CT2Runner) and engine.generator.Timings.ttft_s reports:
+the time from the start of the generate call, with the prompt as token ids in hand (tokenization
+is outside every timing), to the first generated token of every row being available on the host.
+It includes putting the ids into the runner's own input format, the KV cache's allocation, the
+prefill forward (every chunk of it) and the first sample (greedy argmax in the bench). Loading is
+not in it (load_s).
 """
 
 from __future__ import annotations
@@ -46,6 +55,17 @@ from benchmarks.stats import PERCENTILE_KEYS, Percentiles
 SCHEMA_VERSION = 1
 STATUS_OK = "ok"
 _DISTRIBUTIONS = ("ttft", "decode_per_token", "e2e", "tokens_per_s")
+
+
+class Skipped(Exception):
+    """A runner that cannot run here (no GPU, a peer library missing, a conversion that failed): its
+    records get the status "skipped: <message>"."""
+
+
+def short_error(e: BaseException) -> str:
+    """An exception as it reads in a "failed: ..." status: its type and first line, capped."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg[:300]}" if msg else type(e).__name__
 
 
 @dataclass
@@ -109,7 +129,7 @@ class BenchRecord:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "BenchRecord":
+    def from_dict(cls, d: Mapping) -> BenchRecord:
         names = {f.name for f in fields(cls)}
         known = {k: v for k, v in d.items() if k in names}
         # Keep what a newer writer added rather than dropping it on a round trip.
@@ -122,7 +142,7 @@ class BenchRecord:
         return json.dumps(self.to_dict(), sort_keys=False)
 
     @classmethod
-    def from_json(cls, line: str) -> "BenchRecord":
+    def from_json(cls, line: str) -> BenchRecord:
         return cls.from_dict(json.loads(line))
 
 

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from benchmarks import harness
-from benchmarks.harness import (LOSSY_MIN_AGREEMENT, LOSSY_TIE_X_STD, EngineRunner, ModelSpec, Plan, RunnerSpec, Skipped, measure_runner,
-                                prepare_model, validate_tokens)
-from benchmarks.records import read_jsonl
+from benchmarks import gates, harness, models, peers, runners, tables
+from benchmarks.gates import LOSSY_MIN_AGREEMENT, LOSSY_TIE_X_STD, validate_tokens
+from benchmarks.harness import Plan, measure_runner
+from benchmarks.memory import PeakRss
+from benchmarks.models import ModelSpec, prepare_model
+from benchmarks.records import Skipped, read_jsonl
+from benchmarks.runners import EngineRunner, RunnerSpec
 from engine.config import GPT2Config
 
 TINY = GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=50257, n_positions=1024)
@@ -50,20 +54,20 @@ def test_cache_path_gaps_measure_each_token_below_its_own_best():
     logits[3, 2], logits[3, 4] = 3.0, 2.9            # token 1: best 2, runner-up 4 (a near tie)
     logits[4, 0] = 1.0                               # token 2: best 0
     std = logits.std()
-    gaps = harness.cache_path_gaps(prompt_len, [1, 4, 3], logits)
+    gaps = gates.cache_path_gaps(prompt_len, [1, 4, 3], logits)
     assert np.allclose(gaps, [0.0, 0.1 / std, 1.0 / std])
     with pytest.raises(ValueError, match="rows"):
-        harness.cache_path_gaps(prompt_len, [1, 4, 3, 2], logits)
+        gates.cache_path_gaps(prompt_len, [1, 4, 3, 2], logits)
 
 
 def test_lossy_gate_takes_accuracy_and_the_cache_path_not_token_luck():
     ok = {"argmax_agreement": 0.52}
-    assert harness.validate_lossy(ok, [7, 8], np.array([0.0, LOSSY_TIE_X_STD / 2])) is None   # a near tie
-    why = harness.validate_lossy({"argmax_agreement": LOSSY_MIN_AGREEMENT / 2}, [7, 8], np.zeros(2))
+    assert gates.validate_lossy(ok, [7, 8], np.array([0.0, LOSSY_TIE_X_STD / 2])) is None   # a near tie
+    why = gates.validate_lossy({"argmax_agreement": LOSSY_MIN_AGREEMENT / 2}, [7, 8], np.zeros(2))
     assert why is not None and "agreement with HF fp32" in why and "wrong weights" in why
-    why = harness.validate_lossy(ok, [7, 8], np.array([0.0, 3.0]))
+    why = gates.validate_lossy(ok, [7, 8], np.array([0.0, 3.0]))
     assert why is not None and "greedy token 1 (8)" in why and "cache path" in why
-    assert "could not be measured" in harness.validate_lossy({"error": "boom"}, [7], np.zeros(1))
+    assert "could not be measured" in gates.validate_lossy({"error": "boom"}, [7], np.zeros(1))
 
 
 # ---- the per-runner path -------------------------------------------------------------------------
@@ -75,8 +79,8 @@ def tiny(tmp_path_factory):
     spec = ModelSpec("tiny", "random", TINY, seed=0, init_range=0.1)
     model = prepare_model(spec, work)
     model.artifact("fp32")
-    prompt = harness._tokenizer().encode(harness.VALIDATION_TEXT, add_special_tokens=False).ids
-    reference = harness.hf_reference(model.checkpoint_dir, prompt, harness.VALIDATION_NEW_TOKENS, threads=1)
+    prompt = models.shipped_tokenizer().encode(gates.VALIDATION_TEXT, add_special_tokens=False).ids
+    reference = peers.hf_reference(model.checkpoint_dir, prompt, gates.VALIDATION_NEW_TOKENS, threads=1)
     return spec, model, work, prompt, reference
 
 
@@ -87,6 +91,7 @@ class ShiftedBackend:
 
     def __init__(self, inner):
         self.inner = inner
+        self.max_prompt, self.fixed_capacity, self.max_batch = inner.max_prompt, inner.fixed_capacity, inner.max_batch
 
     def new_cache(self, batch, capacity):
         return self.inner.new_cache(batch, capacity)
@@ -104,7 +109,7 @@ def _engine_spec(model, backend_cls=None) -> RunnerSpec:
         from engine.backends.ort import OrtBackend
         art = load_artifact(model.artifact("fp32"))
         be = OrtBackend(art, threads=1)
-        return EngineRunner(backend_cls(be) if backend_cls else be, art.config, harness._tokenizer())
+        return EngineRunner(backend_cls(be) if backend_cls else be, art.config, models.shipped_tokenizer())
     return RunnerSpec("engine-fake", "fp32", "cpu", load, threads=1)
 
 
@@ -180,7 +185,7 @@ def test_tiny_end_to_end_writes_records_table_and_plots(tiny, tmp_path):
     assert b2.ratios["of_kernel_ceiling"] == pytest.approx(b2.ratios["tokens_scaling"] / ceiling["tokens_scaling"],
                                                            rel=1e-2)
     assert "kernel_ceiling" not in by[("engine-ort", 1)].extra and "kernel_ceiling" not in by[("hf", 1)].extra
-    if harness._trt_available() is not None:  # the usual case: no GPU / TensorRT on the test machine
+    if runners.trt_unavailable() is not None:  # the usual case: no GPU / TensorRT on the test machine
         assert by[("engine-trt", 1)].status.startswith("skipped: no GPU/TensorRT") or \
             by[("engine-trt", 1)].status.startswith("skipped: no TensorRT")
 
@@ -203,7 +208,7 @@ def _capture(monkeypatch):
 
     def fake_run_bench(specs, plan, out, *, work_root, **kw):
         seen.update(specs=specs, plan=plan, out=out, work_root=work_root)
-        return harness.BenchResult([], out, "HEADER", "TABLE", "RATIOS", [])
+        return tables.BenchResult([], out, "HEADER", "TABLE", "RATIOS", [])
     monkeypatch.setattr(cli, "run_bench", fake_run_bench)
     return cli, seen
 
@@ -237,12 +242,14 @@ def test_lossy_runners_accuracy_is_stated_beside_their_timings(tiny, tmp_path):
     """ort-int8 and ct2-int8 on tiny: teacher-forced figures against HF fp32 logits land in every record
     and in table.md; they equal the figures computed here from the int8 graph directly, and a runner
     with wrong logits (every argmax off by one) shows it."""
-    from benchmarks.harness import accuracy_figures, accuracy_ids, accuracy_table, engine_spec, peer_spec
+    from benchmarks.gates import accuracy_figures, accuracy_ids
+    from benchmarks.runners import engine_spec, peer_spec
+    from benchmarks.tables import accuracy_table
     from engine.artifact import load_artifact
     from engine.backends.ort import OrtBackend
     _, model, _, prompt, reference = tiny
     ids = accuracy_ids(model.config)
-    ref = harness.hf_logits(model.checkpoint_dir, ids, threads=1)                   # (128, V)
+    ref = peers.hf_logits(model.checkpoint_dir, ids, threads=1)                   # (128, V)
     plan = Plan(batches=(1,), prompt_lens=(8,), new_tokens=(3,), threads=1, repeats=1, warmup=0, positions=())
     specs = [engine_spec("ort-int8", model, 1)]
     if importlib.util.find_spec("ctranslate2"):
@@ -251,7 +258,7 @@ def test_lossy_runners_accuracy_is_stated_beside_their_timings(tiny, tmp_path):
     for spec in specs:
         recs = measure_runner(spec, model, plan, reference, prompt, accuracy_ref=ref)
         acc = recs[0].extra["accuracy"]
-        assert acc["positions"] == len(ids) == harness.ACCURACY_TOKENS and 0.5 < acc["argmax_agreement"] <= 1
+        assert acc["positions"] == len(ids) == gates.ACCURACY_TOKENS and 0.5 < acc["argmax_agreement"] <= 1
         assert 0 < acc["mean_abs_err_x_std"] < 0.5 and acc["max_abs_err_x_std"] > 0, acc
         assert [r.status for r in recs] == ["ok"], recs[0].status    # and the lossy gate let it through
         records += recs
@@ -261,7 +268,7 @@ def test_lossy_runners_accuracy_is_stated_beside_their_timings(tiny, tmp_path):
     assert accuracy_figures(np.roll(direct, 1, axis=-1), ref)["argmax_agreement"] < 0.05
     table = accuracy_table(records)
     assert "| engine-ort-int8 | tiny | int8 |" in table
-    harness.write_outputs(records, tmp_path, "H")
+    tables.write_outputs(records, tmp_path, "H")
     assert "Lossy runners' accuracy" in (tmp_path / "table.md").read_text()
 
 
@@ -285,7 +292,7 @@ def test_lossy_gate_refuses_a_broken_cache_and_times_an_honest_runner(tiny):
     """Through measure_runner: the same weights pass the lossy gate (timed, the gate's figures
     recorded) and, with the cache wiped before each decode step, fail it on the cache path."""
     _, model, _, prompt, reference = tiny
-    ref = harness.hf_logits(model.checkpoint_dir, harness.accuracy_ids(model.config), threads=1)
+    ref = peers.hf_logits(model.checkpoint_dir, gates.accuracy_ids(model.config), threads=1)
     plan = Plan(batches=(1,), prompt_lens=(8,), new_tokens=(3,), threads=1, repeats=1, warmup=0, positions=())
     good = measure_runner(_lossy_spec(model), model, plan, reference, prompt, accuracy_ref=ref)
     assert [r.status for r in good] == ["ok"]
@@ -310,7 +317,7 @@ def test_position_sweep_runs_up_then_down_and_takes_the_median_of_both_passes():
             return [len(calls) * 1e-3] * steps
 
     plan = Plan(positions=(16, 256, 1000), position_steps=2)
-    per_pos, _ = harness._position_sweep(Drifting(), TINY, 1, plan, harness.PeakRss())
+    per_pos, _ = harness._position_sweep(Drifting(), TINY, 1, plan, PeakRss())
     assert calls == [16, 256, 1000, 1000, 256, 16]
     assert per_pos == [[16, 3.5e-3], [256, 3.5e-3], [1000, 3.5e-3]]  # drift cancels: flat, as it should be
 
@@ -331,7 +338,7 @@ def test_position_sweep_interleaves_runners_that_can_hold_several_caches():
             return step
 
     plan = Plan(positions=(16, 256, 1000), position_steps=2)
-    per_pos, _ = harness._position_sweep(Stepping(), TINY, 1, plan, harness.PeakRss())
+    per_pos, _ = harness._position_sweep(Stepping(), TINY, 1, plan, PeakRss())
     assert opened == [(16, 4), (256, 4), (1000, 4)]
     assert calls == [16, 256, 1000, 1000, 256, 16, 16, 256, 1000, 1000, 256, 16]
     assert per_pos == [[16, 1e-3], [256, 1e-3], [1000, 1e-3]]
@@ -352,16 +359,43 @@ def test_engine_decode_stepper_continues_the_greedy_sequence(tiny):
 def test_records_round_trip_as_json(tiny, tmp_path):
     _, model, _, prompt, reference = tiny
     recs = measure_runner(_engine_spec(model, ShiftedBackend), model, PLAN, reference, prompt)
-    harness.write_outputs(recs, tmp_path, "H")
+    tables.write_outputs(recs, tmp_path, "H")
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     assert len(lines) == len(PLAN.configs) and all(json.loads(x)["status"].startswith("failed validation") for x in lines)
+
+
+def test_ttft_spans_the_cache_allocation_for_the_engine_and_hf(tiny):
+    """TTFT (benchmarks/records.py) starts at the call: a cache allocation made slow by 0.2 s lands in
+    it, not before it (a lower bound forced by the test, not a measured timing)."""
+    _, model, _, _, _ = tiny
+    engine = _engine_spec(model).load()
+    hf = peers.HFRunner(model.checkpoint_dir, threads=1)
+    new_cache, new_hf_cache = engine.backend.new_cache, hf._new_cache
+    engine.backend.new_cache = lambda b, c: time.sleep(0.2) or new_cache(b, c)
+    hf._new_cache = lambda: time.sleep(0.2) or new_hf_cache()
+    prompts = models.prompt_ids(2, 8, TINY.vocab_size, TINY.eos_token_id)
+    for runner in (engine, hf):
+        t = runner.run(prompts, 3)
+        assert t.ttft_s >= 0.2 and len(t.step_s) == 2 and t.e2e_s >= t.ttft_s + sum(t.step_s)
+        runner.close()
+
+
+def test_ct2_stream_hands_over_every_row_of_a_step_before_the_next_step(tiny):
+    """CT2Runner takes a step (step 0: the TTFT) as done when its last row arrives: right because the
+    stream is step-major."""
+    pytest.importorskip("ctranslate2")
+    _, model, _, _, _ = tiny
+    runner = peers.CT2Runner(model.ct2_dir(None), 1, "float32")
+    prompts = models.prompt_ids(3, 8, TINY.vocab_size, TINY.eos_token_id)
+    assert [(r.step, r.batch_id) for r in runner._stream(prompts, 4)] == [(s, b) for s in range(4) for b in range(3)]
+    runner.close()
 
 
 def test_ct2_peer_on_a_bare_checkpoint_dir(tiny, tmp_path):
     """A user's checkpoint without tokenizer files: CTranslate2's converter still gets a vocabulary
     (from links in the work dir; the user's directory is left untouched), and its greedy tokens pass."""
     pytest.importorskip("ctranslate2")
-    from benchmarks.harness import peer_spec
+    from benchmarks.runners import peer_spec
     from export.checkpoint import random_weights, save_checkpoint
     _, _, _, prompt, reference = tiny
     bare = save_checkpoint(tmp_path / "bare", TINY, random_weights(TINY, 0, 0.1))

@@ -6,8 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from benchmarks import cli
-from benchmarks.kernel_scaling import (AttentionRunner, KernelScaling, LinearRunner, layer_weights, lm_head_weight,
-                                       measure, report)
+from benchmarks.kernel_scaling import AttentionRunner, KernelScaling, LinearRunner, layer_weights, lm_head_weight, measure, report
 from engine.config import GPT2Config
 from engine.errors import InputError
 

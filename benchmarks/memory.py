@@ -1,0 +1,93 @@
+"""Memory figures of a bench run: this process's peak RSS per phase, its GPU memory, and handing
+freed memory back between runners so the next one's baseline is its own."""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+
+import psutil
+
+
+class PeakRss:
+    """Peak resident memory of THIS PROCESS over a phase, MB (1e6 bytes).
+
+    RSS is process-wide: it includes the interpreter, every imported library (torch alone is a few
+    hundred MB once the reference has been computed) and whatever an earlier runner left behind.
+    Runners are closed and garbage-collected before the next loads, and each record also stores the
+    RSS just before its runner loaded (``extra.rss_baseline_mb``), so peak - baseline approximates
+    the runner's own footprint. On Linux the kernel's high-water mark (VmHWM) is reset at each phase
+    (/proc/self/clear_refs, "5"), so transient peaks between samples are caught; elsewhere the peak
+    is the max of psutil samples taken between runs. The reset also resets what getrusage (and so
+    `/usr/bin/time -v`) reports for the process: after a bench, those show the last phase's peak.
+    """
+
+    def __init__(self):
+        self.proc = psutil.Process()
+        self._hwm_ok = False
+        self._samples: list[int] = []
+
+    @staticmethod
+    def _vmhwm() -> int | None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
+    def rss_mb(self) -> float:
+        return self.proc.memory_info().rss / 1e6
+
+    def reset(self) -> None:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._hwm_ok = self._vmhwm() is not None
+        except OSError:
+            self._hwm_ok = False
+        self._samples = [self.proc.memory_info().rss]
+
+    def sample(self) -> None:
+        self._samples.append(self.proc.memory_info().rss)
+
+    def peak_mb(self) -> float:
+        self.sample()
+        peak = max(self._samples)
+        if self._hwm_ok:
+            peak = max(peak, self._vmhwm() or 0)
+        return peak / 1e6
+
+
+def gpu_memory_mb() -> float | None:
+    """GPU memory this process holds (nvidia-smi, all GPUs), MB; None without a GPU."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    import subprocess
+    try:
+        out = subprocess.run([exe, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    total = 0.0
+    for line in out.strip().splitlines():
+        pid, _, mib = (s.strip() for s in line.partition(","))
+        if pid == str(os.getpid()) and mib.replace(".", "", 1).isdigit():
+            total += float(mib) * 2**20 / 1e6
+    return total
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS, so the next runner's RSS baseline is not
+    inflated by the previous one's freed-but-kept pages (measured: ~400 MB left behind by a closed
+    ORT session without malloc_trim)."""
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim with
+        pass

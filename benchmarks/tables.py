@@ -1,0 +1,146 @@
+"""What a bench run writes, from its records only: the engine/peer/floor ratios (add_ratios, stored
+in each record), the markdown tables beside markdown_table's one row per record, results.jsonl,
+table.md and the plots (benchmarks/report.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.gates import ACCURACY_TOKENS, LOSSY_MIN_AGREEMENT
+from benchmarks.records import BenchRecord, write_jsonl
+from benchmarks.report import make_plots, markdown_table
+from benchmarks.stats import ratio
+
+
+def _key(r: BenchRecord) -> tuple:
+    return (r.model, r.batch, r.prompt_len, r.new_tokens)
+
+
+def add_ratios(records: list[BenchRecord]) -> None:
+    """Engine vs floor and vs each peer, on p50s (< 1 vs a peer: the engine is faster)."""
+    peers: dict[tuple, dict[str, BenchRecord]] = {}
+    by_batch_one = {(r.backend, r.precision, r.model, r.prompt_len, r.new_tokens): r
+                    for r in records if r.ok and r.batch == 1}
+    for r in records:
+        if r.ok and not r.backend.startswith("engine-"):
+            name = r.backend if r.precision == "fp32" else f"{r.backend}-{r.precision}"
+            peers.setdefault(_key(r), {})[name] = r
+    for r in records:
+        if not r.ok:
+            continue
+        if r.floor and r.decode_per_token:
+            r.ratios["x_floor"] = ratio(r.decode_per_token["p50"], r.floor["decode_floor_s"])
+        if r.floor and r.ttft:
+            r.ratios["ttft_x_prefill_floor"] = ratio(r.ttft["p50"], r.floor["prefill_floor_s"])
+        if not r.backend.startswith("engine-"):
+            continue
+        one = by_batch_one.get((r.backend, r.precision, r.model, r.prompt_len, r.new_tokens))
+        if r.batch > 1 and one is not None and r.tokens_per_s and one.tokens_per_s:
+            r.ratios["tokens_scaling"] = ratio(r.tokens_per_s["p50"], one.tokens_per_s["p50"])
+            ceiling = (r.extra or {}).get("kernel_ceiling")
+            if ceiling:
+                r.ratios["of_kernel_ceiling"] = ratio(r.ratios["tokens_scaling"], ceiling["tokens_scaling"])
+        for name, p in peers.get(_key(r), {}).items():
+            if r.decode_per_token and p.decode_per_token:
+                r.ratios[f"decode_vs_{name}"] = ratio(r.decode_per_token["p50"], p.decode_per_token["p50"])
+            if r.ttft and p.ttft:
+                r.ratios[f"ttft_vs_{name}"] = ratio(r.ttft["p50"], p.ttft["p50"])
+
+
+def ratios_table(records: list[BenchRecord]) -> str:
+    """Engine / peer on p50 decode ms/token and TTFT, and the engine's multiple of the floor."""
+    engine = [r for r in records if r.ok and r.backend.startswith("engine-")]
+    names = sorted({k[len("decode_vs_"):] for r in engine for k in r.ratios if k.startswith("decode_vs_")}
+                   | {k[len("ttft_vs_"):] for r in engine for k in r.ratios if k.startswith("ttft_vs_")})
+    if not engine:
+        return "(no engine record was timed: no ratios)"
+    cols = ["backend", "model", "batch", "prompt", "new", "decode ms p50", "x floor"]
+    cols += [f"decode / {n}" for n in names] + [f"TTFT / {n}" for n in names]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+    def x(v):
+        return "-" if v is None else f"{v:.2f}x"
+    for r in engine:
+        row = [r.backend, r.model, str(r.batch), str(r.prompt_len), str(r.new_tokens),
+               f"{r.decode_per_token['p50'] * 1e3:.1f}" if r.decode_per_token else "-", x(r.ratios.get("x_floor"))]
+        row += [x(r.ratios.get(f"decode_vs_{n}")) for n in names] + [x(r.ratios.get(f"ttft_vs_{n}")) for n in names]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def scaling_table(records: list[BenchRecord]) -> str | None:
+    """The engine's tokens/s at batch B over batch 1, beside what ORT's kernels alone allow."""
+    rows = [r for r in records if r.ok and "tokens_scaling" in r.ratios]
+    if not rows:
+        return None
+    lines = ["| backend | model | batch | prompt | new | tokens/s x batch 1 | kernel ceiling | of the ceiling "
+             "| kernels: linear / attention per step, x batch 1 |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = (r.extra or {}).get("kernel_ceiling")
+        if c:
+            b = str(r.batch)
+            kern = (f"{c['tokens_scaling']:.2f}x", f"{r.ratios['of_kernel_ceiling']:.0%}",
+                    f"{c['linear_ms'][b]:.2f} ms ({c['linear_ms'][b] / c['linear_ms']['1']:.2f}x) / "
+                    f"{c['attention_ms'][b]:.2f} ms ({c['attention_ms'][b] / c['attention_ms']['1']:.2f}x)")
+        else:
+            kern = ("-", "-", "-")
+        lines.append(f"| {r.backend} | {r.model} | {r.batch} | {r.prompt_len} | {r.new_tokens} | "
+                     f"{r.ratios['tokens_scaling']:.2f}x | " + " | ".join(kern) + " |")
+    return "\n".join(lines)
+
+
+def accuracy_table(records: list[BenchRecord]) -> str | None:
+    """One row per lossy runner and model: its accuracy figures (the same on every configuration)."""
+    seen: dict[tuple, dict] = {}
+    for r in records:
+        acc = (r.extra or {}).get("accuracy")
+        if acc:
+            seen.setdefault((r.backend, r.model, r.precision), acc)
+    if not seen:
+        return None
+    lines = ["| backend | model | precision | argmax agreement | max abs logit error | (x logit std) | mean (x std) |",
+             "|---|---|---|---|---|---|---|"]
+    for (backend, model, precision), a in seen.items():
+        if "error" in a:
+            lines.append(f"| {backend} | {model} | {precision} | not measured: {a['error']} | | | |")
+        else:
+            lines.append(f"| {backend} | {model} | {precision} | {a['argmax_agreement']:.1%} | {a['max_abs_err']:.3f} "
+                         f"| {a['max_abs_err_x_std']:.3f} | {a['mean_abs_err_x_std']:.4f} |")
+    return "\n".join(lines)
+
+
+@dataclass
+class BenchResult:
+    records: list[BenchRecord]
+    out_dir: Path
+    header: str
+    table: str
+    ratios: str
+    plots: list[Path]
+    scaling: str | None = None
+
+
+def write_outputs(records: list[BenchRecord], out_dir: Path, header: str) -> BenchResult:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "results.jsonl", records)
+    table = markdown_table(records)
+    rtable = ratios_table(records)
+    plots = make_plots(records, out_dir)
+    md = ["# gpt2-engine bench", "", "```", header, "```", "", table, "",
+          "## Engine vs peers and floor (p50; below 1x against a peer, the engine is faster)", "", rtable]
+    stable = scaling_table(records)
+    if stable:
+        md += ["", "## Batch scaling (tokens/s p50 over batch 1's) vs ONNX Runtime's kernels alone "
+               "(`gpt2-engine bench-kernels`: the end-to-end scaling of a graph made only of its linear "
+               "and attention kernels, best of interleaved rounds)", "", stable]
+    atable = accuracy_table(records)
+    if atable:
+        md += ["", f"## Lossy runners' accuracy (vs HF fp32 logits, teacher-forced on {ACCURACY_TOKENS} fixed "
+               f"random tokens; the lossy gate asks for >= {LOSSY_MIN_AGREEMENT:.0%} agreement)", "", atable]
+    if plots:
+        md += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    (out_dir / "table.md").write_text("\n".join(md) + "\n")
+    return BenchResult(records, out_dir, header, table, rtable, plots, stable)
