@@ -80,11 +80,6 @@ def ratio(numer: float | None, denom: float | None) -> float | None:
     return numer / denom
 
 
-def speedup(baseline_s: float | None, candidate_s: float | None) -> float | None:
-    """How many times faster the candidate is than the baseline (> 1: candidate wins)."""
-    return ratio(baseline_s, candidate_s)
-
-
 def x_floor(measured_s: float | None, floor_s: float | None) -> float | None:
     """Measured time as a multiple of the physical floor (1.0 would be perfect; >= 1 expected)."""
     return ratio(measured_s, floor_s)

@@ -47,7 +47,6 @@ def test_rates_and_ratios():
     assert stats.rates(32, [0.5, 2.0]) == [64.0, 16.0]
     with pytest.raises(ValueError, match="> 0"):
         stats.rates(32, [0.0])
-    assert stats.speedup(0.056, 0.028) == pytest.approx(2.0)  # candidate twice as fast
     assert stats.x_floor(0.035, 0.025) == pytest.approx(1.4)
     # A failed backend has no time: the ratio is absent, not an exception.
     assert stats.ratio(None, 0.025) is None and stats.ratio(1.0, None) is None
