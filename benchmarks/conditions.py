@@ -174,3 +174,13 @@ def format_header(conditions: dict, extra: dict | None = None) -> str:
     rows += [(str(k), v) for k, v in (extra or {}).items()]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {'-' if v is None else v}" for k, v in rows)
+
+
+def busy_warning(conditions: dict) -> str | None:
+    """Other work on the machine at the start: every number below is then noisy, say so up front."""
+    load, cores = conditions.get("load_avg_1m"), conditions.get("physical_cores") or 1
+    if load is None or load < 0.5:
+        return None
+    return (f"the machine was busy before this run (load avg {load} on {cores} cores): other processes "
+            "compete for the cores, so timings are noisy and slower than on an idle machine; torch (HF) "
+            "suffers most (measured on a busy 2-core machine: ~4x slower per token at 2 threads than at 1)")

@@ -331,7 +331,7 @@ def run_bench(models: Sequence[ModelSpec], plan: Plan, out_dir: Path, *, work_ro
         bar.set_postfix_str(f"floor: bandwidth and GFLOP/s, {threads} threads")
         floor_rates = (fl.measure_memory_bandwidth(threads or 1), fl.measure_matmul_gflops(threads or 1))
     bw, gflops = floor_rates
-    busy = _busy_warning(conditions)
+    busy = cond.busy_warning(conditions)
     if busy:
         say(f"warning: {busy}")
     say(f"floor: {bw:.1f} GB/s memory bandwidth, {gflops:.0f} GFLOP/s fp32 matmul ({threads} threads)")
@@ -395,16 +395,6 @@ def run_bench(models: Sequence[ModelSpec], plan: Plan, out_dir: Path, *, work_ro
     }
     header = cond.format_header(conditions, extra)
     return write_outputs(records, out_dir, header)
-
-
-def _busy_warning(conditions: dict) -> str | None:
-    """Other work on the machine at the start: every number below is then noisy, say so up front."""
-    load, cores = conditions.get("load_avg_1m"), conditions.get("physical_cores") or 1
-    if load is None or load < 0.5:
-        return None
-    return (f"the machine was busy before this run (load avg {load} on {cores} cores): other processes "
-            "compete for the cores, so timings are noisy and slower than on an idle machine; torch (HF) "
-            "suffers most (measured on a busy 2-core machine: ~4x slower per token at 2 threads than at 1)")
 
 
 def _weights_label(m: ModelSpec) -> str:

@@ -39,7 +39,8 @@ class EngineRunner:
 
     def _loop(self, prompts, n: int) -> tuple[list, RunTiming]:
         """Generate and time the TTFT span (benchmarks/records.py) from outside the loop: rows made,
-        then cache allocation, prefill and the first token, up to the first yield."""
+        then cache allocation, prefill and the first token of every row (sampled and detokenized, as
+        the engine's generate does), up to the first yield."""
         t0 = time.perf_counter()
         rows = self._rows(prompts, n)
         capacity = max(len(r.prompt_ids) for r in rows) + n
