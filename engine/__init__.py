@@ -6,9 +6,11 @@
 This package imports nothing from `export`, `benchmarks`, `cli` or `server` (tests/test_layering.py).
 """
 
-from engine.errors import ArtifactError, BackendUnavailable, CheckpointError, EngineError, InputError
+from engine.core import Delta, EngineStats, TokenLogprob
+from engine.errors import ArtifactError, BackendUnavailable, CheckpointError, EngineClosed, EngineError, EngineOverloaded, InputError
 from engine.generator import GenerationOutput, Generator, Timings
 from engine.sampling import SamplingParams
 
-__all__ = ["Generator", "SamplingParams", "GenerationOutput", "Timings", "EngineError", "ArtifactError",
-           "CheckpointError", "InputError", "BackendUnavailable"]
+__all__ = ["Generator", "SamplingParams", "GenerationOutput", "Timings", "Delta", "TokenLogprob", "EngineStats",
+           "EngineError", "ArtifactError", "CheckpointError", "InputError", "BackendUnavailable", "EngineOverloaded",
+           "EngineClosed"]

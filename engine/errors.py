@@ -20,3 +20,11 @@ class InputError(EngineError, ValueError):
 
 class BackendUnavailable(EngineError):
     """A backend's libraries or hardware are missing."""
+
+
+class EngineOverloaded(EngineError):
+    """Too many requests are waiting for a slot: retry later (a server answers 429 or 503)."""
+
+
+class EngineClosed(EngineError):
+    """The engine was closed while the request waited or ran, or before it was submitted."""

@@ -4,23 +4,31 @@
     out = gen.generate("Hello", SamplingParams(max_new_tokens=32, seed=0))
     for delta in gen.stream("Hello", SamplingParams.greedy(16)): print(delta, end="")
 
-Thread safety: one Generator may be used from many threads at once. The loaded model is shared and
-read-only; every call gets its own KV cache, RNGs and detokenizers (one cache per request), so calls
-never wait on each other in Python (backends that cannot run concurrently lock inside `forward`).
+    out = await gen.agenerate("Hello")                           # asyncio, for servers
+    async for delta in gen.astream("Hello"): ...
+
+Every call, from any thread or event loop, goes through one engine loop (engine/core.py): requests
+share batched forward steps over one pool of KV-cache slots (in-flight batching), so threads calling
+`generate` at once get batch throughput without changing their code. A list of prompts is admitted
+together (a static batch). Each request keeps its own RNG, penalties and stop strings: its tokens do
+not depend on what else shares the batch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import queue
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from engine.artifact import Artifact, load_artifact
-from engine.errors import ArtifactError, InputError
-from engine.loop import LoopTimings, RowState, new_row, run_loop, sequence_logits
+from engine.core import Delta, EngineCore, EngineStats, Request, TokenLogprob
+from engine.errors import ArtifactError, EngineClosed, InputError
+from engine.loop import RowState, new_row, sequence_logits
 from engine.sampling import SamplingParams
 
 TRUNCATE_MODES = ("error", "left")
@@ -28,11 +36,28 @@ TRUNCATE_MODES = ("error", "left")
 
 @dataclass(frozen=True)
 class Timings:
+    """One request's timings. TTFT, the one definition the bench uses too: from the call (submission)
+    to its first generated token on the host; it includes the wait for a slot (queue_s), the KV-cache
+    allocation on first use, the prefill forward(s) and the first sample."""
+
     load_s: float          # backend load (shared by every call of this Generator)
-    prefill_s: float       # time to first token: prefill forward + first sample
-    decode_s: float        # all decode steps
-    decode_steps: int
-    total_s: float
+    queue_s: float         # submission -> admitted into a slot
+    ttft_s: float          # submission -> first token
+    itl_s: tuple[float, ...]  # inter-token latencies: the gap before each token after the first
+    total_s: float         # submission -> finished
+
+    @property
+    def prefill_s(self) -> float:
+        """Admission -> first token: the prefill forward(s) and the first sample."""
+        return self.ttft_s - self.queue_s
+
+    @property
+    def decode_s(self) -> float:
+        return float(sum(self.itl_s))
+
+    @property
+    def decode_steps(self) -> int:
+        return len(self.itl_s)
 
     @property
     def decode_per_token_s(self) -> float:
@@ -44,12 +69,14 @@ class GenerationOutput:
     text: str                       # generated text only (the prompt is not repeated)
     token_ids: list[int]            # generated ids (an <|endoftext|> that stopped generation is not included)
     prompt_token_ids: list[int]     # after truncation, if any
-    finish_reason: str              # "eos" | "length" | "stop" | "context"
+    finish_reason: str              # "eos" | "length" | "stop" | "context" | "deadline" | "abort"
     timings: Timings
+    logprobs: list[TokenLogprob] | None = None  # one per generated token when params.logprobs is set
 
 
 class Generator:
-    def __init__(self, artifact: Artifact, backend, tokenizer, load_s: float = 0.0):
+    def __init__(self, artifact: Artifact, backend, tokenizer, load_s: float = 0.0, max_batch: int = 8,
+                 max_queue: int = 256, prefill_chunk: int | None = None):
         self.artifact = artifact
         self.backend = backend
         self.tokenizer = tokenizer
@@ -58,11 +85,20 @@ class Generator:
         # A TensorRT engine's cache length is fixed at build time and may be below the model's context.
         self.max_context = min(self.config.n_positions, artifact.max_capacity,
                                backend.fixed_capacity or artifact.max_capacity)
+        # One loop and one slot pool for every caller (engine/core.py).
+        self.core = EngineCore(backend, self.config.eos_token_id, self.max_context, max_batch=max_batch,
+                               max_queue=max_queue, prefill_chunk=prefill_chunk)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, backend: str = "ort", device: str = "cpu",
-                        threads: int | None = None, **backend_options) -> Generator:
-        """Load a model directory made by `gpt2-engine export`. backend: 'ort' (CPU/CUDA) or 'trt'."""
+                        threads: int | None = None, max_batch: int = 8, max_queue: int = 256,
+                        prefill_chunk: int | None = None, **backend_options) -> Generator:
+        """Load a model directory made by `gpt2-engine export`. backend: 'ort' (CPU/CUDA) or 'trt'.
+
+        max_batch: KV-cache slots (requests decoding at once); max_queue: requests that may wait for a
+        slot before submissions fail with EngineOverloaded; prefill_chunk: prompt tokens per loop
+        iteration while other requests decode (None: adaptive, about 3/4 of a decode step's time).
+        """
         from tokenizers import Tokenizer
 
         t0 = time.perf_counter()
@@ -79,7 +115,8 @@ class Generator:
             be = TrtBackend(art, **backend_options)
         else:
             raise InputError(f"backend must be 'ort' or 'trt', got {backend!r}")
-        return cls(art, be, tokenizer, time.perf_counter() - t0)
+        return cls(art, be, tokenizer, time.perf_counter() - t0, max_batch=max_batch, max_queue=max_queue,
+                   prefill_chunk=prefill_chunk)
 
     # --- tokens ---------------------------------------------------------------------------------
 
@@ -125,41 +162,125 @@ class Generator:
 
     # --- generation -----------------------------------------------------------------------------
 
-    def _outputs(self, rows: list[RowState], timings: LoopTimings, t0: float) -> list[GenerationOutput]:
-        t = Timings(self.load_s, timings.prefill_s, timings.decode_s, len(timings.decode_step_s),
-                    time.perf_counter() - t0)
-        return [GenerationOutput(r.text, list(r.generated), list(r.prompt_ids), r.finish_reason, t) for r in rows]
+    def _output(self, r: Request) -> GenerationOutput:
+        row, t = r.row, r.token_times
+        admitted = r.admitted if r.admitted is not None else r.finished
+        timings = Timings(self.load_s, admitted - r.submitted, (t[0] if t else r.finished) - r.submitted,
+                          tuple(float(b - a) for a, b in zip(t, t[1:])), r.finished - r.submitted)
+        return GenerationOutput(row.text, list(row.generated), list(row.prompt_ids), row.finish_reason, timings,
+                                r.logprobs)
+
+    def _submit(self, rows: list[RowState], sink, deadline_s: float | None) -> list[Request]:
+        if deadline_s is not None and not (isinstance(deadline_s, (int, float)) and deadline_s > 0):
+            raise InputError(f"deadline_s must be a number of seconds > 0, or None, got {deadline_s!r}")
+        reqs = [Request(row, sink, deadline_s) for row in rows]
+        self.core.submit(reqs)
+        return reqs
+
+    def _deltas(self, rows: list[RowState], deadline_s: float | None) -> Iterator[Delta]:
+        """Deltas of these rows' requests as the loop sends them; leaving early aborts the rest."""
+        q: queue.SimpleQueue[Delta] = queue.SimpleQueue()
+        reqs = self._submit(rows, q.put, deadline_s)
+        open_ = len(reqs)
+        try:
+            while open_:
+                try:
+                    d = q.get(timeout=1.0)
+                except queue.Empty:
+                    if not self.core.alive:
+                        raise EngineClosed("the engine loop is not running (closed)") from None
+                    continue
+                if d.request is not None:
+                    open_ -= 1
+                    if d.error is not None:
+                        raise d.error
+                yield d
+        finally:
+            for r in reqs:
+                if not r.done:
+                    self.core.abort(r)
 
     def generate(self, prompts: str | Sequence[int] | list, params: SamplingParams | list[SamplingParams] | None = None,
-                 truncate: str = "error"):
-        """Generate for one prompt (returns a GenerationOutput) or a list of prompts (returns a list).
-
-        A prompt is text or a list of token ids. `params` is one SamplingParams for all rows or one per row.
+                 truncate: str = "error", deadline_s: float | None = None):
+        """Generate for one prompt (returns a GenerationOutput) or a list of prompts (returns a list,
+        admitted together). A prompt is text or a list of token ids. `params` is one SamplingParams for
+        all rows or one per row. deadline_s: seconds after which a request ends (finish reason 'deadline').
         """
         single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
         batch = [prompts] if single else list(prompts)
-        t0 = time.perf_counter()
         rows = self._rows(batch, params, truncate)
-        timings = LoopTimings()
-        for _ in run_loop(self.backend, rows, _capacity(rows), self.config.eos_token_id, timings):
-            pass
-        outs = self._outputs(rows, timings, t0)
+        finals = {}
+        for d in self._deltas(rows, deadline_s):
+            if d.request is not None:
+                finals[id(d.request.row)] = self._output(d.request)
+        outs = [finals[id(r)] for r in rows]
         return outs[0] if single else outs
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-               truncate: str = "error") -> Iterator[str]:
+               truncate: str = "error", deadline_s: float | None = None) -> Iterator[str]:
         """Yield text deltas as tokens are produced; their concatenation equals generate()'s text.
 
         Text that could be the start of a stop string is held back until it is known not to be one.
+        Closing the iterator early (break, or garbage collection) aborts the request and frees its slot.
         """
+        for d in self._deltas(self._rows([prompt], params, truncate), deadline_s):
+            if d.text:
+                yield d.text
+
+    # --- asyncio --------------------------------------------------------------------------------
+
+    async def astream_deltas(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                             truncate: str = "error", deadline_s: float | None = None) -> AsyncIterator[Delta]:
+        """Deltas (text, token ids, logprobs, finish reason; the last one carries `.output`) for an
+        asyncio caller. Leaving the iteration early, or the task being cancelled, aborts the request."""
         rows = self._rows([prompt], params, truncate)
-        row = rows[0]
-        hold = max((len(s) - 1 for s in row.params.stop), default=0)
-        for _ in run_loop(self.backend, rows, _capacity(rows), self.config.eos_token_id, LoopTimings()):
-            safe = len(row.text) if row.done else max(len(row.text) - hold, row.emitted)
-            if safe > row.emitted:
-                yield row.text[row.emitted:safe]
-                row.emitted = safe
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[Delta] = asyncio.Queue()
+        (req,) = self._submit(rows, lambda d: loop.call_soon_threadsafe(q.put_nowait, d), deadline_s)
+        try:
+            while True:
+                try:
+                    d = await asyncio.wait_for(q.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if not self.core.alive:
+                        raise EngineClosed("the engine loop is not running (closed)") from None
+                    continue
+                if d.error is not None:
+                    raise d.error
+                if d.request is not None:
+                    d.output = self._output(d.request)
+                yield d
+                if d.request is not None:
+                    return
+        finally:
+            if not req.done:
+                self.core.abort(req)
+
+    async def astream(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                      truncate: str = "error", deadline_s: float | None = None) -> AsyncIterator[str]:
+        """Text deltas for an asyncio caller (`async for`); see `stream`."""
+        async for d in self.astream_deltas(prompt, params, truncate, deadline_s):
+            if d.text:
+                yield d.text
+
+    async def agenerate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                        truncate: str = "error", deadline_s: float | None = None) -> GenerationOutput:
+        """`generate` for one prompt, awaitable; cancelling the task aborts the request."""
+        async for d in self.astream_deltas(prompt, params, truncate, deadline_s):
+            if d.output is not None:
+                return d.output
+        raise EngineClosed("the request ended without an output")
+
+    def abort_all(self) -> None:
+        """Abort every request in flight (e.g. a server shutting down past its drain bound)."""
+        with self.core._cond:
+            reqs = list(self.core._active) + list(self.core._waiting)
+        for r in reqs:
+            self.core.abort(r)
+
+    def stats(self) -> EngineStats:
+        """Running and waiting requests, free slots, forward calls so far."""
+        return self.core.stats()
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits at every position of one sequence (e.g. for perplexity): float32 (T, V)."""
@@ -176,8 +297,3 @@ class Generator:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _capacity(rows: list[RowState]) -> int:
-    """Cache slots a request needs: its longest prompt + new tokens (<= the context, checked earlier)."""
-    return max(len(r.prompt_ids) + r.params.max_new_tokens for r in rows)

@@ -102,7 +102,7 @@ def _stop_hit(row: RowState) -> bool:
     return False
 
 
-def _advance(row: RowState, token: int, eos_id: int, position: int, capacity: int) -> None:
+def advance(row: RowState, token: int, eos_id: int, position: int, capacity: int) -> None:
     """Record a sampled token and decide whether the row is finished."""
     if row.params.stop_at_eos and token == eos_id:
         row.finish_reason = "eos"
@@ -128,9 +128,9 @@ def run_loop(backend: Backend, rows: list[RowState], capacity: int, eos_id: int,
     cache = backend.new_cache(len(rows), capacity)
     positions = np.array([len(r.prompt_ids) for r in rows], np.int64)       # (B,) slot of the next token
     logits = prefill(backend, cache, rows, pad_id=eos_id)
-    tokens = _sample(logits, rows)
+    tokens = sample_rows(logits, rows)
     for b, r in enumerate(rows):
-        _advance(r, int(tokens[b]), eos_id, int(positions[b]), capacity)
+        advance(r, int(tokens[b]), eos_id, int(positions[b]), capacity)
     timings.prefill_s = time.perf_counter() - t0
     yield
     while not all(r.done for r in rows):
@@ -141,19 +141,21 @@ def run_loop(backend: Backend, rows: list[RowState], capacity: int, eos_id: int,
         for b, r in enumerate(rows):
             if not r.done:
                 positions[b] += 1
-        tokens = np.where([r.done for r in rows], tokens, _sample(logits, rows))
+        tokens = np.where([r.done for r in rows], tokens, sample_rows(logits, rows))
         for b, r in enumerate(rows):
             if not r.done:
-                _advance(r, int(tokens[b]), eos_id, int(positions[b]), capacity)
+                advance(r, int(tokens[b]), eos_id, int(positions[b]), capacity)
         timings.decode_step_s.append(time.perf_counter() - t0)
         yield
 
 
-def _sample(logits: np.ndarray, rows: list[RowState]) -> np.ndarray:
-    # Only the repetition penalty reads the context: skip the O(length) copy for every other row.
+def sample_rows(logits: np.ndarray, rows: list[RowState]) -> np.ndarray:
+    """Each row's next token (B,) from its logits (B, V), with its own parameters and RNG."""
+    # Only the penalties read the context: skip the O(length) copies for every other row.
     contexts = [np.asarray(r.prompt_ids + r.generated, np.int64)
                 if r.params.repetition_penalty != 1.0 and not r.done else None for r in rows]
-    return sample_next(logits, [r.params for r in rows], contexts, [r.rng for r in rows])
+    outputs = [np.asarray(r.generated, np.int64) if r.params.reads_outputs else None for r in rows]
+    return sample_next(logits, [r.params for r in rows], contexts, [r.rng for r in rows], outputs)
 
 
 def new_row(prompt_ids: list[int], params: SamplingParams, tokenizer) -> RowState:

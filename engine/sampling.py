@@ -1,7 +1,9 @@
 """Next-token selection on the host: sampling parameters, logits -> probabilities, and the draw.
 
 The pipeline follows Hugging Face `generate` so that its logits processors are the test oracle:
-repetition penalty -> temperature -> top-k -> top-p -> softmax. `logits_to_probs` is pure; the only
+repetition penalty -> temperature -> top-k -> top-p -> softmax. OpenAI's additive adjustments (presence
+and frequency penalties over the generated tokens, as vLLM applies them; logit_bias) come right after
+the repetition penalty, before the temperature. `logits_to_probs` is pure; the only
 randomness is the uniform draw in `sample_next`, from an RNG the caller passes in (one per row, so a
 seeded request reproduces no matter what else shares its batch).
 
@@ -13,7 +15,7 @@ sorting and softmax run on the survivors only.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -32,6 +34,10 @@ class SamplingParams:
     seed: int | None = None          # >= 0, or None for a fresh nondeterministic seed
     stop: tuple[str, ...] = ()       # non-empty strings; generation ends before the first match
     stop_at_eos: bool = True         # end the row at <|endoftext|>
+    presence_penalty: float = 0.0    # in [-2, 2]; subtracted once from each token already generated (OpenAI)
+    frequency_penalty: float = 0.0   # in [-2, 2]; subtracted per occurrence of a generated token (OpenAI)
+    logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100], added to its logit (OpenAI)
+    logprobs: int | None = None      # None, or 0..20: report each token's logprob and this many top alternatives
 
     def __post_init__(self) -> None:
         # A bare string is one stop string (vLLM accepts str | list[str]), not a tuple of characters.
@@ -62,6 +68,40 @@ class SamplingParams:
                 raise InputError(f"stop strings must be non-empty strings, got {s!r}")
         if not isinstance(self.stop_at_eos, bool):
             raise InputError(f"stop_at_eos must be a bool, got {self.stop_at_eos!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check_real(name, value)
+            if not -2 <= value <= 2:
+                raise InputError(f"{name} must be in [-2, 2], got {value}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise InputError(f"logit_bias must be a dict of token id -> bias, got {type(self.logit_bias).__name__}")
+            bias = {}
+            for k, v in self.logit_bias.items():
+                try:
+                    tid = int(k)  # JSON object keys are strings: "50256" is token 50256
+                except (TypeError, ValueError):
+                    raise InputError(f"logit_bias keys must be token ids, got {k!r}") from None
+                if tid < 0:
+                    raise InputError(f"logit_bias keys must be token ids >= 0, got {tid}")
+                _check_real(f"logit_bias[{tid}]", v)
+                if not -100 <= v <= 100:
+                    raise InputError(f"logit_bias values must be in [-100, 100], got {v} for token {tid}")
+                bias[tid] = float(v)
+            object.__setattr__(self, "logit_bias", bias or None)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs)
+            if not 0 <= self.logprobs <= 20:
+                raise InputError(f"logprobs must be in [0, 20] (top alternatives per token), got {self.logprobs}")
+
+    def __hash__(self) -> int:  # logit_bias is a dict: hash its items (equal parameters, equal hashes)
+        bias = tuple(sorted(self.logit_bias.items())) if self.logit_bias else None
+        return hash(tuple(bias if f.name == "logit_bias" else getattr(self, f.name) for f in fields(self)))
+
+    @property
+    def reads_outputs(self) -> bool:
+        """Whether sampling needs the row's generated ids (presence/frequency penalties)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
     @property
     def is_greedy(self) -> bool:
@@ -113,14 +153,30 @@ def _nucleus_size(sorted_probs: np.ndarray, top_p: float) -> int:
     return min(int(np.searchsorted(cum, top_p, side="left")) + 1, len(sorted_probs))
 
 
-def _candidates(logits: np.ndarray, params: SamplingParams,
-                context_ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _adjust(logits: np.ndarray, params: SamplingParams, output_ids: np.ndarray | None) -> np.ndarray:
+    """OpenAI's additive adjustments: presence/frequency penalties on the generated ids, then logit_bias."""
+    if not params.reads_outputs and not params.logit_bias:
+        return logits
+    out = logits.copy()                                            # (V,)
+    if params.reads_outputs and output_ids is not None and len(output_ids):
+        ids, counts = np.unique(np.asarray(output_ids, np.int64), return_counts=True)
+        out[ids] -= np.float32(params.presence_penalty) + np.float32(params.frequency_penalty) * counts
+    if params.logit_bias:
+        ids = np.fromiter(params.logit_bias, np.int64)
+        keep = ids < out.shape[0]                                  # ids past the vocabulary select nothing
+        out[ids[keep]] += np.fromiter(params.logit_bias.values(), np.float32)[keep]
+    return out
+
+
+def _candidates(logits: np.ndarray, params: SamplingParams, context_ids: np.ndarray | None,
+                output_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The tokens that may be drawn and their probabilities: (ids int64 (C,), probs float64 (C,)).
 
     Sparse so that the draw touches C candidates, not the whole vocabulary.
     """
     assert logits.ndim == 1, logits.shape
     x = _penalize(np.asarray(logits, dtype=np.float32), params.repetition_penalty, context_ids)  # (V,)
+    x = _adjust(x, params, output_ids)                                                          # (V,)
     V = x.shape[0]
 
     if params.is_greedy:
@@ -165,33 +221,34 @@ def _candidates(logits: np.ndarray, params: SamplingParams,
 
 
 def logits_to_probs(logits: np.ndarray, params: SamplingParams,
-                    context_ids: np.ndarray | None = None) -> np.ndarray:
+                    context_ids: np.ndarray | None = None, output_ids: np.ndarray | None = None) -> np.ndarray:
     """Pure: one row's logits (V,) -> the distribution of its next token, float64 (V,).
 
     context_ids: the row's prompt and generated tokens so far (for the repetition penalty).
     Greedy parameters give a one-hot distribution at the (penalized) argmax.
     """
-    ids, p = _candidates(logits, params, context_ids)
+    ids, p = _candidates(logits, params, context_ids, output_ids)
     probs = np.zeros(logits.shape[-1], dtype=np.float64)           # (V,)
     probs[ids] = p
     return probs
 
 
 def sample_next(logits: np.ndarray, params: list[SamplingParams], contexts: list[np.ndarray | None],
-                rngs: list[np.random.Generator]) -> np.ndarray:
+                rngs: list[np.random.Generator], outputs: list[np.ndarray | None] | None = None) -> np.ndarray:
     """Pick each row's next token, with that row's parameters, context and RNG.
 
     logits:   float32 (B, V), the last position of each row
     params:   B SamplingParams; rows of one batch may differ
     contexts: B int arrays, each row's prompt + generated ids (for the repetition penalty; None: no penalty)
     rngs:     B generators; a row left with one candidate (greedy, say) does not consume its RNG
+    outputs:  B int arrays of each row's generated ids (presence/frequency penalties), or None
     returns:  int64 (B,)
     """
     B = logits.shape[0]
     assert len(params) == len(contexts) == len(rngs) == B, (B, len(params), len(contexts), len(rngs))
     out = np.empty(B, dtype=np.int64)                              # (B,)
     for b in range(B):
-        ids, p = _candidates(logits[b], params[b], contexts[b])
+        ids, p = _candidates(logits[b], params[b], contexts[b], None if outputs is None else outputs[b])
         if len(ids) == 1:
             out[b] = ids[0]
             continue
@@ -200,3 +257,18 @@ def sample_next(logits: np.ndarray, params: list[SamplingParams], contexts: list
         i = int(np.searchsorted(cdf, rngs[b].random() * cdf[-1], side="right"))
         out[b] = ids[min(i, len(ids) - 1)]
     return out
+
+
+def top_logprobs(logits: np.ndarray, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-softmax of one row's raw logits (V,) at `token`, and its n most likely (id, logprob) pairs.
+
+    Raw: before penalties, temperature and truncation, as OpenAI and vLLM (by default) report them.
+    """
+    x = np.asarray(logits, np.float64)                             # (V,)
+    m = x.max()
+    lse = m + np.log(np.exp(x - m).sum())
+    top = []
+    if n > 0:
+        part = np.argpartition(-x, n - 1)[:n]                      # (n,) unordered
+        top = [(int(i), float(x[i] - lse)) for i in part[np.argsort(-x[part], kind="stable")]]
+    return float(x[token] - lse), top

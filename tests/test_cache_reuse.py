@@ -1,7 +1,9 @@
-"""The KV cache is allocated once per request and written in place, at the right slots.
+"""The KV cache is allocated once per Generator (the engine's slot pool) and written in place, at the
+right slots.
 
-(a) one `new_cache` per generate/stream call; ORT writes into the very numpy buffers that were bound
-    (present output == past input == the numpy array), exactly at the slots the tokens occupy;
+(a) one `new_cache` per Generator, however many generate/stream calls (max_batch rows of the context's
+    capacity); ORT writes into the very numpy buffers that were bound (present output == past input ==
+    the numpy array, for the pool and for its row views), exactly at the slots the tokens occupy;
 (b) with the standard-ops cache write (TensorScatter, attention "fused"), ORT never logs "copying
     past_cache to present_cache" during generation, while a plain `session.run` with numpy feeds (no
     aliasing) does, in the same test: the check can fail. (The default "gqa" graph has no such message:
@@ -45,49 +47,63 @@ def filled_slots(cache) -> np.ndarray:
     return per_buffer[0]
 
 
-def test_one_allocation_per_request_written_in_place(tiny_gen, caches):
+@pytest.fixture
+def fresh_gen(tiny_model):
+    """A Generator of its own: its slot pool is allocated during the test (the `caches` fixture sees it)."""
+    gen = load_generator(tiny_model, max_batch=4)
+    yield gen
+    gen.close()
+
+
+def test_one_allocation_per_generator_written_in_place(fresh_gen, caches):
+    tiny_gen = fresh_gen
     cfg = tiny_gen.config
     params = SamplingParams(max_new_tokens=20, seed=0, stop_at_eos=False)
     out = tiny_gen.generate(PROMPTS[1], params)
-    assert len(caches) == 1, f"generate allocated {len(caches)} caches for one request"
+    assert len(caches) == 1, f"generate allocated {len(caches)} caches"
     cache = caches[0]
     L, n = len(out.prompt_token_ids), len(out.token_ids)
-    assert n == 20 and cache.batch == 1 and cache.capacity == L + n
+    assert n == 20 and cache.batch == 4 and cache.capacity == tiny_gen.max_context
 
-    # The numpy arrays are the buffers ORT used: past input, present output and array share memory.
+    # The numpy arrays are the buffers ORT used: past input, present output and array share memory, in the
+    # pool's binding and in the one-row view the request ran on (rows [0, 1): the same addresses).
     assert len(cache.arrays) == len(cache.buffers) == 2 * cfg.n_layer
-    outputs = cache.binding.get_outputs()                                           # logits, then presents
-    for arr, ov, present in zip(cache.arrays, cache.buffers, outputs[1:]):
-        assert arr.shape == (1, cfg.n_head, cache.capacity, cfg.head_dim)           # (B, nh, S, hs)
-        assert ov.data_ptr() == arr.ctypes.data
-        assert present.data_ptr() == arr.ctypes.data, "present was not written into the past buffer"
+    row = cache.views[(0, 1)]
+    for c in (cache, row):
+        outputs = c.binding.get_outputs()                                           # logits, then presents
+        for arr, ov, present, pool in zip(c.arrays, c.buffers, outputs[1:], cache.arrays):
+            assert arr.shape == (c.batch, cfg.n_head, cache.capacity, cfg.head_dim)  # (B, nh, S, hs)
+            assert ov.data_ptr() == arr.ctypes.data == pool.ctypes.data
+            assert present.data_ptr() == arr.ctypes.data, "present was not written into the past buffer"
 
     # Every token fed to the model sits at its slot: the prompt and all generated tokens but the last
-    # (which is sampled, never fed). Beyond that the buffer is untouched.
-    filled = filled_slots(cache)[0]                                                 # (S,)
-    assert filled[:L + n - 1].all(), f"unwritten slots: {np.flatnonzero(~filled[:L + n - 1])}"
-    assert not filled[L + n - 1:].any(), f"written beyond the last fed token: {np.flatnonzero(filled)}"
+    # (which is sampled, never fed). Beyond that, and in the other rows, the buffer is untouched.
+    filled = filled_slots(cache)                                                    # (B, S)
+    assert filled[0, :L + n - 1].all(), f"unwritten slots: {np.flatnonzero(~filled[0, :L + n - 1])}"
+    assert not filled[0, L + n - 1:].any(), f"written beyond the last fed token: {np.flatnonzero(filled[0])}"
+    assert not filled[1:].any()
 
-    # Stream and batch requests allocate once too.
+    # Stream and batch requests reuse the pool.
     list(tiny_gen.stream(PROMPTS[0], params))
     tiny_gen.generate(PROMPTS, params)
-    assert len(caches) == 3
+    assert len(caches) == 1
 
 
-def test_batch_rows_written_at_their_own_slots(tiny_gen, caches):
-    params = [SamplingParams.greedy(n, stop_at_eos=False) for n in (12, 3, 8, 20)]
-    outs = tiny_gen.generate(PROMPTS, params)
+def test_batch_rows_written_at_their_own_slots(fresh_gen, caches):
+    # Rows that finish together are freed last-slot first, so no row moves (compaction copies none) and
+    # each row's slots are exactly its own tokens.
+    params = SamplingParams.greedy(12, stop_at_eos=False)
+    outs = fresh_gen.generate(PROMPTS, params)
     (cache,) = caches
     lengths = [len(o.prompt_token_ids) for o in outs]
     T = max(lengths)
-    assert cache.batch == 4 and cache.capacity == max(L + sp.max_new_tokens for L, sp in zip(lengths, params))
     filled = filled_slots(cache)                                                    # (B, S)
     for b, (o, L) in enumerate(zip(outs, lengths)):
         fed = L + len(o.token_ids) - 1
         assert filled[b, :fed].all(), f"row {b}: unwritten slots {np.flatnonzero(~filled[b, :fed])}"
-        # Past the fed tokens a row may hold only its right padding (< T) and the re-fed last token of a
-        # row that finished early (slot `fed`): nothing at or beyond max(T, fed + 1).
-        assert not filled[b, max(T, fed + 1):].any(), f"row {b} written at {np.flatnonzero(filled[b])}"
+        # Past the fed tokens a row may hold only its right padding (< T): nothing at or beyond
+        # max(T, fed) (a finished row is never re-fed).
+        assert not filled[b, max(T, fed):].any(), f"row {b} written at {np.flatnonzero(filled[b])}"
 
 
 @pytest.fixture(scope="module")
@@ -168,14 +184,17 @@ def test_batched_prefill_and_decode_equal_each_rows_full_forward(tiny_gen):
         positions += 1
 
 
-def test_chunked_prefill_equals_one_shot_prefill(tiny_gen, caches, monkeypatch):
+def test_chunked_prefill_equals_one_shot_prefill(tiny_model, caches):
     """Backends with a prefill limit (`max_prompt`, e.g. a TensorRT profile) get prompts in chunks; on
-    ORT, forced to chunks of 7, the tokens and every cache slot equal a one-shot prefill."""
+    ORT, forced to chunks of 7, the tokens and every cache slot equal a one-shot prefill (two fresh
+    Generators: the same requests finish in the same order, so their pools end up alike)."""
     prompts = [PROMPTS[1], PROMPTS[3], PROMPTS[2], " the" * 30]  # last tokens in chunks 2, 0, 1 and 4
     params = [SamplingParams(max_new_tokens=n, seed=n) for n in (10, 4, 7, 12)]
-    one_shot = tiny_gen.generate(prompts, params)
-    monkeypatch.setattr(tiny_gen.backend, "max_prompt", 7, raising=False)
-    chunked = tiny_gen.generate(prompts, params)
+    with load_generator(tiny_model, max_batch=4) as gen:
+        one_shot = gen.generate(prompts, params)
+    with load_generator(tiny_model, max_batch=4) as gen:
+        gen.backend.max_prompt = 7
+        chunked = gen.generate(prompts, params)
     assert [o.token_ids for o in chunked] == [o.token_ids for o in one_shot]
     assert [o.text for o in chunked] == [o.text for o in one_shot]
     a, b = caches

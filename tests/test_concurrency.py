@@ -1,8 +1,9 @@
 """One loaded Generator, many threads: every request gets the tokens it gets alone.
 
 8 threads start together (a barrier) with different prompts, lengths and parameters (seeded sampling
-and greedy, single prompts, a batch and a stream); the backend's `forward` is wrapped to record how
-many calls overlap, so the test proves that requests really ran at the same time.
+and greedy, single prompts, a batch and a stream); the backend's `forward` is wrapped to count calls
+and how many overlap. Every call goes through the one engine loop (engine/core.py), so forwards never
+overlap, and the concurrent requests share them: far fewer calls than the same requests one by one.
 """
 
 from __future__ import annotations
@@ -74,9 +75,11 @@ def test_threads_get_the_same_tokens_as_sequential_runs(tiny_gen, overlap):
         return _run(tiny_gen, *REQUESTS[i])
 
     for round_ in range(3):
+        before = overlap["calls"]
         with ThreadPoolExecutor(N_THREADS) as pool:
             got = list(pool.map(worker, range(N_THREADS)))
         for i, (g, e) in enumerate(zip(got, expected)):
             assert g == e, f"round {round_}, request {i} ({REQUESTS[i][0]}): concurrent result differs"
-    assert overlap["calls"] == 4 * sequential_calls
-    assert overlap["max"] >= 2, "no two forward calls overlapped: the test did not exercise concurrency"
+        # Batched: sequentially each request pays its own steps; together they share them.
+        assert overlap["calls"] - before <= sequential_calls / 2, (overlap["calls"] - before, sequential_calls)
+    assert overlap["max"] == 1, "forward calls overlapped: something bypassed the engine loop"

@@ -41,5 +41,13 @@ class Backend(Protocol):
         """
         ...
 
+    def view(self, cache: Any, start: int, stop: int) -> KVCache:
+        """Rows [start, stop) of `cache` as a cache of their own, sharing its memory (no copy)."""
+        ...
+
+    def copy_row(self, cache: Any, src: int, dst: int, length: int) -> None:
+        """Copy row src's first `length` slots over row dst, in every layer's key and value buffer."""
+        ...
+
     def close(self) -> None:
         ...

@@ -11,7 +11,7 @@ IO binding and buffers, so concurrent requests on different caches never share m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,6 +29,7 @@ class OrtCache:
     buffers: list          # OrtValues, one per (layer, key|value), in cache_io_pairs order
     binding: object        # the IO binding with the cache already bound
     arrays: list           # numpy views of CPU buffers (None on CUDA): what tests inspect
+    views: dict = field(default_factory=dict)  # (start, stop) -> OrtCache over those rows, made once
 
 
 def _check_io(session, artifact: Artifact) -> None:
@@ -93,21 +94,44 @@ class OrtBackend:
     def new_cache(self, batch: int, capacity: int) -> OrtCache:
         cfg = self.config
         shape = (batch, cfg.n_head, capacity, cfg.head_dim)  # (B, nh, S, hs)
+        if self.device == "cpu":
+            # np.zeros maps untouched pages lazily: a slot pool costs memory only where rows are written.
+            return self._bind([np.zeros(shape, self._cache_dtype) for _ in self._pairs], capacity)
+        ovs = [self._ort.OrtValue.ortvalue_from_shape_and_type(shape, self._cache_dtype, "cuda", 0)
+               for _ in self._pairs]
+        return self._bind_ortvalues(ovs, [None] * len(ovs), batch, capacity)
+
+    def _bind(self, arrays: list[np.ndarray], capacity: int) -> OrtCache:
+        ovs = [self._ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]  # share memory with the arrays
+        return self._bind_ortvalues(ovs, arrays, arrays[0].shape[0], capacity)
+
+    def _bind_ortvalues(self, ovs: list, arrays: list, batch: int, capacity: int) -> OrtCache:
         binding = self.session.io_binding()
         binding.bind_output(io.LOGITS, "cpu")  # bound first: output 0 (a rebind keeps its slot)
-        buffers, arrays = [], []
-        for past, present in self._pairs:
-            if self.device == "cpu":
-                arr = np.zeros(shape, self._cache_dtype)
-                ov = self._ort.OrtValue.ortvalue_from_numpy(arr)  # shares memory with arr
-                arrays.append(arr)
-            else:
-                ov = self._ort.OrtValue.ortvalue_from_shape_and_type(shape, self._cache_dtype, "cuda", 0)
-                arrays.append(None)
+        for (past, present), ov in zip(self._pairs, ovs):
             binding.bind_ortvalue_input(past, ov)
             binding.bind_ortvalue_output(present, ov)  # same buffer: the graph writes in place
-            buffers.append(ov)
-        return OrtCache(batch, capacity, buffers, binding, arrays)
+        return OrtCache(batch, capacity, ovs, binding, arrays)
+
+    def view(self, cache: OrtCache, start: int, stop: int) -> OrtCache:
+        """Rows [start, stop) of `cache` as a cache of their own, sharing its memory (a contiguous row
+        range of a (B, nh, S, hs) buffer is itself a valid (stop - start)-row cache). Made once per range."""
+        if start == 0 and stop == cache.batch:
+            return cache
+        if not 0 <= start < stop <= cache.batch:
+            raise InputError(f"cache rows must satisfy 0 <= start < stop <= {cache.batch}, got [{start}, {stop})")
+        if self.device != "cpu":
+            raise BackendUnavailable("row views of a CUDA cache are not implemented: the in-flight engine runs "
+                                     "ONNX Runtime on the CPU (device 'cpu')")
+        v = cache.views.get((start, stop))
+        if v is None:
+            v = cache.views[(start, stop)] = self._bind([a[start:stop] for a in cache.arrays], cache.capacity)
+        return v
+
+    def copy_row(self, cache: OrtCache, src: int, dst: int, length: int) -> None:
+        """Copy row src's first `length` slots over row dst (the slot pool compacts its rows with it)."""
+        for a in cache.arrays:
+            a[dst, :, :length] = a[src, :, :length]                               # (nh, length, hs)
 
     def forward(self, cache: OrtCache, input_ids: np.ndarray, cache_positions: np.ndarray,
                 logits_indices: np.ndarray) -> np.ndarray:

@@ -73,13 +73,17 @@ class TrtCache:
     batch: int
     capacity: int
     buffers: dict = field(repr=False)   # past input name -> pycuda DeviceAllocation (present aliases it)
+    row_bytes: int = 0                  # bytes of one row of one buffer: nh * S * hs * itemsize
+    first_row: int = 0                  # a view (`TrtBackend.view`) starts here in its parent's buffers
+    is_view: bool = False               # views never free the parent's memory
 
     def ptr(self, past_name: str) -> int:
-        return int(self.buffers[past_name])
+        return int(self.buffers[past_name]) + self.first_row * self.row_bytes
 
     def free(self) -> None:
-        for buf in self.buffers.values():
-            buf.free()  # pycuda activates the allocation's own context for the free
+        if not self.is_view:
+            for buf in self.buffers.values():
+                buf.free()  # pycuda activates the allocation's own context for the free
         self.buffers = {}
 
 
@@ -214,9 +218,30 @@ class TrtBackend:
                     self._cuda.memset_d8(buffers[past], 0, nbytes)
             finally:
                 g.pop()
-        cache = TrtCache(batch, self.fixed_capacity, buffers)
+        row_bytes = next(iter(cache_buffer_nbytes(self.config, self.precision, 1, self.fixed_capacity).values()))
+        cache = TrtCache(batch, self.fixed_capacity, buffers, row_bytes)
         g.caches.add(cache)
         return cache
+
+    def view(self, cache: TrtCache, start: int, stop: int) -> TrtCache:
+        """Rows [start, stop) as a cache of their own: the same device buffers at a row offset."""
+        if not 0 <= start < stop <= cache.batch:
+            raise InputError(f"cache rows must satisfy 0 <= start < stop <= {cache.batch}, got [{start}, {stop})")
+        return TrtCache(stop - start, cache.capacity, cache.buffers, cache.row_bytes,
+                        cache.first_row + start, is_view=True)
+
+    def copy_row(self, cache: TrtCache, src: int, dst: int, length: int) -> None:
+        """Copy row src over row dst, whole rows (device bandwidth makes slot-exact copies not worth it)."""
+        g = self._gpu
+        with g.lock:
+            g.push()
+            try:
+                for past in cache.buffers:
+                    base = int(cache.buffers[past]) + cache.first_row * cache.row_bytes
+                    self._cuda.memcpy_dtod(base + dst * cache.row_bytes, base + src * cache.row_bytes,
+                                           cache.row_bytes)
+            finally:
+                g.pop()
 
     def forward(self, cache: TrtCache, input_ids: np.ndarray, cache_positions: np.ndarray,
                 logits_indices: np.ndarray) -> np.ndarray:
