@@ -36,6 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -68,6 +69,7 @@ class Delta:
     finish_reason: str | None = None                       # set on the last delta
     error: BaseException | None = None                     # the request failed (last delta)
     request: Request | None = None                         # set on the last delta: the whole record
+    output: Any = None                                     # the GenerationOutput, set by the Generator
 
 
 @dataclass(frozen=True)

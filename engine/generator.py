@@ -290,6 +290,8 @@ class Generator:
         return sequence_logits(self.backend, np.asarray(list(token_ids), np.int64))         # (T, V)
 
     def close(self) -> None:
+        """Stop the engine loop (waiting and running requests end with EngineClosed), then the backend."""
+        self.core.close()
         self.backend.close()
 
     def __enter__(self) -> Generator:
