@@ -74,7 +74,8 @@ def _model_spec(model: str, init: str, seed: int, init_range: float):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--init-range", type=float, default=0.1, show_default=True,
               help="Std of the random weights. 0.1, not 0.02: at 0.02 greedy output is one token repeated "
-                   "and the validation gate proves little (DESIGN.md); speed does not depend on it.")
+                   "and the validation gate proves little (docs/ARCHITECTURE.md, \"Tests: the oracle\"); "
+                   "speed does not depend on it.")
 @click.option("--batch", "batches", type=click.IntRange(min=1), multiple=True, default=(1,), show_default=True,
               help="Batch size; repeatable.")
 @click.option("--prompt-len", "prompt_lens", type=click.IntRange(min=1), multiple=True, default=(32,),

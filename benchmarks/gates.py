@@ -1,8 +1,8 @@
-"""The validation gates: parity before speed (STYLE.md 8). A runner is timed only once its output
-passes: exact runners (fp32) token for token against the reference, lossy ones (int8 weights, fp16
-on a GPU) by the two checks described at LOSSY_MIN_AGREEMENT. Also the accuracy figures stated
-beside a lossy runner's timings. The checks on token lists and logits are pure; validate_lossy_runner
-asks a loaded runner for the logits they need.
+"""The validation gates: parity before speed (docs/ARCHITECTURE.md, "Conventions" 1). A runner is
+timed only once its output passes: exact runners (fp32) token for token against the reference, lossy
+ones (int8 weights, fp16 on a GPU) by the two checks described at LOSSY_MIN_AGREEMENT. Also the
+accuracy figures stated beside a lossy runner's timings. The checks on token lists and logits are
+pure; validate_lossy_runner asks a loaded runner for the logits they need.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ in phases:
 
   load        artifact / checkpoint on disk -> ready to generate (timed: load_s)
   validate    the gates of benchmarks/gates.py; a runner that fails is recorded as "failed
-              validation: ..." and never timed (parity before speed, STYLE.md 8)
+              validation: ..." and never timed (parity before speed: docs/ARCHITECTURE.md, "Conventions")
   per config  (batch, prompt length, new tokens): `warmup` untimed runs, then `repeats` timed runs,
               each split into TTFT (defined in benchmarks/records.py), per-step decode times and
               end-to-end

@@ -23,7 +23,8 @@ from engine.sampling import SamplingParams
 ENGINE_BACKENDS = ("ort", "ort-int8", "ort-cuda", "trt")
 PEERS = ("hf", "ct2", "ct2-int8")
 DEFAULT_PEERS = ("hf", "ct2")
-# GPU backends run the fp16 artifact (DESIGN.md: fp16 is for GPUs; ORT CPU has no fp16 MatMul).
+# GPU backends run the fp16 artifact (docs/ARCHITECTURE.md, "Known facts": fp16 is for GPUs; ORT CPU
+# has no fp16 MatMul).
 ENGINE_PRECISION = {"ort": "fp32", "ort-int8": "int8", "ort-cuda": "fp16", "trt": "fp16"}
 
 

@@ -1,7 +1,7 @@
 """Weight-only int8 for the CPU: every MatMul weight becomes ONNX Runtime's MatMulNBits (8 bits,
 symmetric, per-block scales), computed with int8 kernels (accuracy_level 4). A decode step then reads
-~4x fewer weight bytes, which is what bounds it on a CPU (see DESIGN.md: the byte floor).
-Activations, LayerNorm, softmax and the KV cache stay fp32."""
+~4x fewer weight bytes, which is what bounds it on a CPU (docs/ARCHITECTURE.md, "Known facts": the
+byte floor). Activations, LayerNorm, softmax and the KV cache stay fp32."""
 
 from __future__ import annotations
 

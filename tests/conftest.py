@@ -4,7 +4,7 @@ Hugging Face oracle loaded once per checkpoint, all per test session.
 The oracle is `transformers.GPT2LMHeadModel.from_pretrained(ckpt_dir)`: the SAME directory the exporter
 reads, written by `save_checkpoint`, so every parity test also exercises the real-weights loading path.
 
-Inits (DESIGN.md, "Random weights and weak tests"):
+Inits (docs/ARCHITECTURE.md, "Tests: the oracle"):
   PARITY_INIT = 0.02  the default init; the logits tolerance 1e-4 is stated for it.
   DIVERSE_INIT = 0.1  greedy *generation* is diverse (top-2 margin ~1.7): for token-level parity.
 Argmaxes over random-token prompts are diverse at 0.02 already (gpt2: 70 distinct in 320 positions),

@@ -6,8 +6,8 @@ Checkpoints and artifacts are made at most once per test session (memoized by th
 root); loaded Generators and HF models are module-scoped, so memory is bounded per test module.
 
 Init range 0.1 (0.3 for the 2-layer tiny config), not GPT-2's 0.02: with 0.02 a random GPT-2's greedy
-output is nearly one token repeated, so token-level parity would prove little (DESIGN.md, "Random
-weights and weak tests").
+output is nearly one token repeated, so token-level parity would prove little (docs/ARCHITECTURE.md,
+"Tests: the oracle").
 
 The fixtures (tiny_model, tiny_gen) are registered for every test module by conftest.py's
 `pytest_plugins`; helpers and constants are imported by name.

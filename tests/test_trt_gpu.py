@@ -4,7 +4,7 @@ Marked `gpu`: collected everywhere, skipped with a reason when tensorrt, pycuda 
 (`pytest -m gpu` on a GPU machine, or `python -m benchmarks.gpu_check`). Engines are built for tiny
 random models so the whole file runs in a few minutes; the 32-step greedy parity uses an init range of
 0.1, where random GPT-2 output is diverse and the top-2 logit margin is far above fp16 error
-(docs: DESIGN.md, "Random weights and weak tests").
+(docs/ARCHITECTURE.md, "Tests: the oracle").
 """
 
 from __future__ import annotations
