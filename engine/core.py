@@ -145,8 +145,9 @@ class EngineCore:
                               "(a TensorRT engine's profile): lower max_batch or rebuild with a larger --max-batch")
         if not isinstance(max_queue, int) or max_queue < 0:
             raise EngineError(f"max_queue must be an int >= 0, got {max_queue!r}")
-        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
-            raise EngineError(f"prefill_chunk must be None (adaptive) or an int >= 1, got {prefill_chunk!r}")
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 0):
+            raise EngineError(f"prefill_chunk must be None (adaptive), 0 (never split a prompt: for measuring the "
+                              f"policy) or an int >= 1, got {prefill_chunk!r}")
         self.backend, self.eos_id, self.capacity = backend, eos_id, capacity
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self._cache = None                        # the pool: allocated on the loop thread's first admission
@@ -264,7 +265,7 @@ class EngineCore:
         if not pending:
             return
         decoding = any(r.decoding and not r.done for r in self._active)
-        budget = self.prefill_budget() if decoding else None          # None: no limit
+        budget = self.prefill_budget() if decoding and self.prefill_chunk != 0 else None   # None: no limit
         limit = self.backend.max_prompt or None
         # Fresh prompts that fit whole, in consecutive rows: one batched forward from position 0.
         group: list[Request] = []
@@ -358,18 +359,22 @@ class EngineCore:
             r.last_token = tok
 
     def _send_and_free(self) -> None:
-        done = []
+        """Free finished rows first, then deliver: a caller that sees its last delta sees its slot free."""
+        now = time.perf_counter()
+        deltas = []
         for r in self._active:
             if r.done:
-                r.finished = time.perf_counter()
-                done.append(r)
+                r.finished = now
             d = r._delta()
             if d is not None:
-                _deliver(r, d)
+                deltas.append((r, d))
+        done = [r for r in self._active if r.done]
         if done:
             with self._cond:
                 for r in sorted(done, key=lambda r: r.slot, reverse=True):
                     self._free(r)
+        for r, d in deltas:
+            _deliver(r, d)
 
     def _free(self, r: Request) -> None:
         """Give r's row back; the last active row moves into it (its filled slots are copied), so the

@@ -97,7 +97,8 @@ class Generator:
 
         max_batch: KV-cache slots (requests decoding at once); max_queue: requests that may wait for a
         slot before submissions fail with EngineOverloaded; prefill_chunk: prompt tokens per loop
-        iteration while other requests decode (None: adaptive, about 3/4 of a decode step's time).
+        iteration while other requests decode (None: adaptive, about 3/4 of a decode step's time;
+        0: never split a prompt).
         """
         from tokenizers import Tokenizer
 

@@ -219,6 +219,7 @@ def test_async_api_equals_the_sync_one(gen):
     async def main():
         outs = await asyncio.gather(*(gen.agenerate(PROMPTS[3], params) for _ in range(3)))
         text = "".join([d async for d in gen.astream(PROMPTS[3], params)])
+        assert gen.stats().running == 0              # the slot is free once the last delta is out
         return outs, text
 
     outs, text = asyncio.run(main())

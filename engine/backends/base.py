@@ -1,8 +1,10 @@
 """The one small interface every backend implements; the generation loop only sees this.
 
-A backend owns the compiled model (session or engine). A KV cache belongs to one request (one
-generate call) so concurrent requests never share mutable state; the backend's `forward` must be
-safe to call from several threads on different caches.
+A backend owns the compiled model (session or engine). The engine loop (engine/core.py) allocates one
+cache of `max_batch` rows (the slot pool) and runs forwards on row views of it (`view`: prefix rows for
+a decode step, one row for a prompt chunk), compacting rows with `copy_row`; the bench's static loop
+(engine/loop.py run_loop) allocates a cache per call. `forward` must be safe to call from several
+threads on different caches (the loop has one thread; the bench and `Generator.logits` add others).
 """
 
 from __future__ import annotations

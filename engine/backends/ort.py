@@ -1,12 +1,13 @@
 """ONNX Runtime backend: CPU by default, the CUDA execution provider when asked for and present.
 
-The KV cache is allocated once per request and bound through IO binding as both the `past` input and
-the `present` output of every layer, so the graph (TensorScatter, or GroupQueryAttention in the "gqa"
-variant) writes the new keys/values in place: a decode step copies neither the cache nor the weights,
-and only the requested logits come back to the host.
+A KV cache (the engine's slot pool, or one per call in the bench's static loop) is allocated once and
+bound through IO binding as both the `past` input and the `present` output of every layer (row views
+of the pool get bindings of their own over the same memory, made once per row range), so the graph
+(TensorScatter, or GroupQueryAttention in the "gqa" variant) writes the new keys/values in place: a
+decode step copies neither the cache nor the weights, and only the requested logits come back to the host.
 
-Thread safety: one InferenceSession is shared (ORT's `run` is thread-safe); each cache owns its own
-IO binding and buffers, so concurrent requests on different caches never share mutable state.
+Thread safety: one InferenceSession is shared (ORT's `run` is thread-safe); each cache (and
+view) owns its own IO binding, so calls on different caches never share mutable state.
 """
 
 from __future__ import annotations
