@@ -195,5 +195,128 @@ def bench_kernels(models, batches, prompt_len, new_tokens, threads, repeats):
         click.echo()
 
 
+# bench-serve's vocabulary (benchmarks/serve_bench.py), repeated for the same reason as above;
+# tests/test_serve_bench.py checks the two agree.
+SERVE_MODES = ("inflight", "thread-per-request", "static", "http")
+SERVE_LOCAL_MODES = ("inflight", "thread-per-request", "static")
+SERVE_CONCURRENCY = (1, 2, 4, 8, 16)
+SERVE_QUICK_CONCURRENCY = (1, 8)
+
+
+def run_serve_bench(*args, **kwargs):
+    """serve_bench.run_serve_bench, imported on first use (a seam the tests replace)."""
+    from benchmarks.serve_bench import run_serve_bench as run
+    return run(*args, **kwargs)
+
+
+def _range(option: str, value: tuple[int, int]) -> tuple[int, int]:
+    lo, hi = value
+    if not 1 <= lo <= hi:
+        raise click.BadParameter(f"MIN MAX with 1 <= MIN <= MAX, got {lo} {hi}", param_hint=option)
+    return lo, hi
+
+
+@click.command("bench-serve", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", "models", multiple=True, default=("gpt2",), show_default=True,
+              help="Size name (gpt2 .. gpt2-xl, distilgpt2) or HF checkpoint directory; repeatable.")
+@click.option("--init", type=click.Choice(["random", "checkpoint"]), default="random", show_default=True,
+              help="For size names: random weights (prepared as `gpt2-engine bench` does, shared with it), "
+                   "or the real checkpoint.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--init-range", type=float, default=0.1, show_default=True,
+              help="Std of the random weights (0.1: diverse greedy output, so the validation gate proves something).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="ONNX Runtime intra-op threads (default: physical cores).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="The in-flight engine's KV-cache slots (requests decoding at once).")
+@click.option("--concurrency", "concurrency", type=click.IntRange(min=1), multiple=True,
+              default=SERVE_CONCURRENCY, show_default=True, help="Closed-loop clients; repeatable.")
+@click.option("--rate", "rates", type=click.FloatRange(min=0, min_open=True), multiple=True,
+              help="Open-loop Poisson arrival rate, requests/s; repeatable (default: none).")
+@click.option("--requests", type=click.IntRange(min=1), default=None,
+              help="Requests per point (default: 4 x clients, at least 32; open loop 32; --quick: 2 x clients, "
+                   "at least 8).")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              help="Seconds per point after which no request starts (those in flight finish).")
+@click.option("--mode", "modes", type=click.Choice(SERVE_MODES), multiple=True,
+              help="Modes to run; repeatable (default: inflight, thread-per-request, static; with --http: http).")
+@click.option("--http", "http_url", default=None, metavar="URL",
+              help="An OpenAI-compatible server (e.g. http://127.0.0.1:8000) serving the same model: the 'http' "
+                   "mode sends the workload to its /v1/completions, streaming.")
+@click.option("--http-model", default=None, help="The `model` field of --http requests (default: none sent).")
+@click.option("--prompt-lens", type=(int, int), default=(16, 512), show_default=True, metavar="MIN MAX",
+              help="Prompt lengths of the workload, tokens (log-uniform).")
+@click.option("--new-tokens", type=(int, int), default=(32, 128), show_default=True, metavar="MIN MAX",
+              help="New tokens per request (uniform).")
+@click.option("--workload-seed", type=int, default=0, show_default=True, help="Seed of prompts, lengths and arrivals.")
+@click.option("--quick", is_flag=True,
+              help="gpt2, clients 1 and 8, few requests, 60 s per point (options given explicitly still win).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Results directory (default: bench-results/serve-<UTC timestamp>).")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where random checkpoints and exports are kept (default: the bench's, $GPT2_ENGINE_CACHE/bench).")
+@click.pass_context
+@friendly_errors
+def bench_serve(ctx, models, init, seed, init_range, threads, max_batch, concurrency, rates, requests, time_limit,
+                modes, http_url, http_model, prompt_lens, new_tokens, workload_seed, quick, out, work_dir):
+    """Serving benchmark: the in-flight engine, thread-per-request (the old Generator) and the static
+    batch (the ceiling) under a closed-loop concurrency sweep and open-loop Poisson arrivals, on one
+    seeded workload of mixed prompt lengths; every mode validated before it is timed.
+
+    Reports request throughput, output tokens/s, TTFT, inter-token latency (ITL), TPOT, end-to-end and
+    queue time (p50/p90/p99) and the ratios between modes; writes results.jsonl, table.md and plots.
+    """
+    def explicit(name):
+        return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+    if quick:
+        models = models if explicit("models") else ("gpt2",)
+        concurrency = concurrency if explicit("concurrency") else SERVE_QUICK_CONCURRENCY
+        time_limit = time_limit if explicit("time_limit") else 60.0
+    prompt_lens, new_tokens = _range("--prompt-lens", prompt_lens), _range("--new-tokens", new_tokens)
+    modes = tuple(dict.fromkeys(modes)) or (("http",) if http_url else SERVE_LOCAL_MODES)
+    if "http" in modes and not http_url:
+        raise click.UsageError("--mode http needs --http URL (the server to send the workload to)")
+    if http_url and "http" not in modes:
+        raise click.UsageError("--http is given but --mode leaves 'http' out: add --mode http")
+    from benchmarks.extras import INSTALL, importable
+    from engine.errors import BackendUnavailable
+    if not importable("matplotlib"):
+        raise BackendUnavailable(f"gpt2-engine bench-serve needs matplotlib (plots): {INSTALL}")
+    if http_url:
+        from benchmarks.serve_bench import check_http
+        check_http(http_url)
+    specs = [_model_spec(m, init, seed, init_range) for m in dict.fromkeys(models)]
+    from engine.errors import InputError
+    for s in specs:
+        ctx_len = s.config.n_positions if s.config is not None else 1024
+        if prompt_lens[1] + new_tokens[1] > ctx_len:
+            raise InputError(f"--prompt-lens max {prompt_lens[1]} + --new-tokens max {new_tokens[1]} exceeds "
+                             f"{s.name}'s context ({ctx_len} tokens): lower one of them")
+    from benchmarks.serve_bench import ServePlan
+    plan = ServePlan(concurrency=tuple(dict.fromkeys(concurrency)), rates=tuple(dict.fromkeys(rates)),
+                     requests=requests, quick=quick, time_limit_s=time_limit, modes=modes,
+                     threads=threads or _physical_cores(), max_batch=max_batch, prompt_lens=prompt_lens,
+                     new_tokens=new_tokens, workload_seed=workload_seed, arrival_seed=workload_seed,
+                     http_url=http_url, http_model=http_model)
+    out = out or Path("bench-results") / ("serve-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S"))
+    t0 = time.perf_counter()
+    result = run_serve_bench(specs, plan, out, work_root=work_dir or _default_work_dir(),
+                             log=lambda msg: click.echo(msg, err=True))
+    click.echo(result.header)
+    click.echo()
+    click.echo(result.table)
+    for title, text in (("In-flight vs static batch and thread-per-request:", result.ratios),
+                        ("Goals (issue 13):", result.goals)):
+        if text:
+            click.echo()
+            click.echo(title)
+            click.echo(text)
+    click.echo()
+    click.echo(f"wrote {out}/results.jsonl, table.md, {', '.join(p.name for p in result.plots) or 'no plots'} "
+               f"in {time.perf_counter() - t0:.0f} s", err=True)
+    if not any(r.ok for r in result.records):
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     bench()
