@@ -22,6 +22,15 @@ Prefill policy (chunked prefill, as vLLM and TensorRT-LLM do it):
   ONNX Runtime's GroupQueryAttention accepts several new tokens on a filled cache only at batch 1, so
   continuation chunks run on a one-row view of the request's own row.
 
+Speculative decoding (with a draft backend): when exactly one request is decoding and no prompt is
+waiting for prefill, a round proposes `draft_k` tokens with the draft (its own slot pool, caught up
+lazily with the tokens it has not seen), verifies them in one target forward of k+1 tokens on the
+request's one-row view, and emits the accepted drafts plus one target token (engine/speculative.py).
+Rejected positions roll back for free: the row's fill level moves back and later writes overwrite the
+slots. With several requests decoding, the batched step already shares each weight read among them
+and GroupQueryAttention verifies several tokens only at batch 1, so the loop does not speculate.
+k is fixed (default 4); each output reports its acceptance rate.
+
 Batch invariance: every request has its own RNG (seeded from its params), penalties and stop
 strings; its row's cache holds only its own tokens. What can differ with the batch is float rounding
 inside the kernels (batch-size-dependent GEMM blocking); tests check token equality against the
@@ -43,7 +52,8 @@ import numpy as np
 from engine.backends.base import Backend
 from engine.errors import EngineClosed, EngineError, EngineOverloaded
 from engine.loop import RowState, advance, decode_step, prefill, sample_rows
-from engine.sampling import top_logprobs
+from engine.sampling import logits_to_probs, top_logprobs
+from engine.speculative import accept_drafts, draw
 
 PREFILL_SHARE = 0.75   # a prefill chunk may cost this fraction of a decode step while rows decode
 MIN_CHUNK = 16         # never fewer prompt tokens per iteration (progress for long prompts)
@@ -102,6 +112,8 @@ class Request:
         self.prefilled = 0                                 # prompt tokens already in the cache
         self.last_token = 0                                # the token the next decode step feeds
         self.logprobs: list[TokenLogprob] | None = [] if row.params.logprobs is not None else None
+        self.draft_filled = 0                              # slots of the draft's pool row holding this sequence
+        self.drafts_proposed = self.drafts_accepted = 0
         self._sent_tokens = 0                              # generated ids already handed out in deltas
         self._hold = max((len(s) - 1 for s in row.params.stop), default=0)
 
@@ -137,7 +149,7 @@ class EngineCore:
     """One loop thread, one slot pool. Thread-safe: submit/abort/stats/close from any thread."""
 
     def __init__(self, backend: Backend, eos_id: int, capacity: int, max_batch: int = 8, max_queue: int = 256,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, draft: Backend | None = None, draft_k: int = 4):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise EngineError(f"max_batch must be an int >= 1, got {max_batch!r}")
         if backend.max_batch is not None and max_batch > backend.max_batch:
@@ -148,7 +160,11 @@ class EngineCore:
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 0):
             raise EngineError(f"prefill_chunk must be None (adaptive), 0 (never split a prompt: for measuring the "
                               f"policy) or an int >= 1, got {prefill_chunk!r}")
+        if draft is not None and (not isinstance(draft_k, int) or not 1 <= draft_k <= 16):
+            raise EngineError(f"draft_k must be an int in [1, 16], got {draft_k!r}")
         self.backend, self.eos_id, self.capacity = backend, eos_id, capacity
+        self.draft, self.draft_k = draft, draft_k
+        self._draft_cache = None
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self._cache = None                        # the pool: allocated on the loop thread's first admission
         self._active: list[Request] = []          # index == slot
@@ -231,6 +247,8 @@ class EngineCore:
                 self._active.append(r)
         if self._cache is None:
             self._cache = self.backend.new_cache(self.max_batch, self.capacity)
+            if self.draft is not None:
+                self._draft_cache = self.draft.new_cache(self.max_batch, self.capacity)
         now = time.perf_counter()
         for r in self._active:
             if r.abort_requested:
@@ -327,6 +345,13 @@ class EngineCore:
         # Rows that got their first token in this iteration's prefill join this step too.
         if not decoders:
             return
+        if self.draft is not None and len(decoders) == len(self._active) == 1:
+            r = decoders[0]
+            k = min(self.draft_k, self.capacity - 1 - r.filled,
+                    r.row.params.max_new_tokens - len(r.row.generated) - 1)
+            if k >= 1:
+                self._speculate(r, k)
+                return
         hi = max(r.slot for r in decoders) + 1
         tokens = np.full(hi, self.eos_id, np.int64)                                   # (hi,)
         positions = np.zeros(hi, np.int64)                                            # (hi,)
@@ -343,6 +368,54 @@ class EngineCore:
         self._step_s = dt if self._step_s is None else (1 - EMA) * self._step_s + EMA * dt
         if logits is not None:
             self._sample(decoders, logits[[r.slot for r in decoders]])
+
+    def _speculate(self, r: Request, k: int) -> None:
+        """One speculative round for the lone decoding request r (slot r.slot): draft k, verify, accept."""
+        row, params = r.row, r.row.params
+        seq = row.prompt_ids + row.generated                 # the last one (r.last_token) is not in the cache yet
+        p = r.filled                                         # == len(seq) - 1: where r.last_token goes
+        dview = self.draft.view(self._draft_cache, r.slot, r.slot + 1)
+        # The draft catches up on what it has not seen (after batched steps, or the prompt), then proposes.
+        feed = np.asarray(seq[r.draft_filled:], np.int64)[None]                     # (1, n)
+        logits = self._forward_guarded([r], lambda: self.draft.forward(
+            dview, feed, np.array([r.draft_filled], np.int64), np.array([[feed.shape[1] - 1]], np.int64)))
+        if logits is None:
+            return
+        drafts: list[int] = []
+        q = np.empty((k, logits.shape[-1]))                                         # (k, V)
+        for i in range(k):
+            q[i] = logits_to_probs(logits[0, 0], params, *_contexts(row, drafts))
+            drafts.append(int(np.argmax(q[i])) if params.is_greedy else draw(q[i], row.rng))
+            if i < k - 1:
+                logits = self._forward_guarded([r], lambda i=i: self.draft.forward(
+                    dview, np.array([[drafts[-1]]], np.int64), np.array([p + 1 + i], np.int64),
+                    np.zeros((1, 1), np.int64)))
+                if logits is None:
+                    return
+        # The target scores the last token and every draft in one forward of k + 1 tokens.
+        tview = self.backend.view(self._cache, r.slot, r.slot + 1)
+        ids = np.asarray([r.last_token] + drafts, np.int64)[None]                  # (1, k+1)
+        logits = self._forward_guarded([r], lambda: self.backend.forward(
+            tview, ids, np.array([p], np.int64), np.arange(k + 1, dtype=np.int64)[None]))   # (1, k+1, V)
+        if logits is None:
+            return
+        target = np.stack([logits_to_probs(logits[0, i], params, *_contexts(row, drafts[:i]))
+                           for i in range(k + 1)])                                  # (k+1, V)
+        tokens, accepted = accept_drafts(target, q, drafts, row.rng, params.is_greedy)
+        r.drafts_proposed += k
+        r.drafts_accepted += accepted
+        # The draft holds the last token and drafts 1..k-1; the accepted ones stay valid.
+        r.draft_filled = p + 1 + min(accepted, k - 1)
+        now = time.perf_counter()
+        for i, tok in enumerate(tokens):
+            n_before = len(row.generated)
+            advance(row, tok, self.eos_id, len(row.prompt_ids) + n_before, self.capacity)
+            if r.logprobs is not None and len(row.generated) > n_before:
+                r.logprobs.append(TokenLogprob(tok, *top_logprobs(logits[0, i], tok, params.logprobs)))
+            r.token_times.append(now)
+            r.last_token = tok
+            if row.done:
+                break
 
     def _sample(self, rows: list[Request], logits: np.ndarray) -> None:
         """Next token per row (logits (len(rows), V)), then the row's stop checks."""
@@ -382,6 +455,8 @@ class EngineCore:
         last = self._active[-1]
         if last is not r:
             self.backend.copy_row(self._cache, last.slot, r.slot, last.filled)
+            if self.draft is not None:
+                self.draft.copy_row(self._draft_cache, last.slot, r.slot, last.draft_filled)
             self._active[r.slot] = last
             last.slot = r.slot
         self._active.pop()
@@ -396,6 +471,14 @@ class EngineCore:
         r.error = err
         r.finished = time.perf_counter()
         _deliver(r, Delta(error=err, request=r))
+
+
+def _contexts(row: RowState, drafts: list[int]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(prompt + generated + drafts, generated + drafts) when the penalties read them, else None."""
+    gen = row.generated + drafts
+    ctx = np.asarray(row.prompt_ids + gen, np.int64) if row.params.repetition_penalty != 1.0 else None
+    out = np.asarray(gen, np.int64) if row.params.reads_outputs else None
+    return ctx, out
 
 
 def _expired(r: Request, now: float) -> bool:

@@ -45,6 +45,13 @@ class Timings:
     ttft_s: float          # submission -> first token
     itl_s: tuple[float, ...]  # inter-token latencies: the gap before each token after the first
     total_s: float         # submission -> finished
+    drafts_proposed: int = 0  # speculative decoding: draft tokens proposed / accepted by the target
+    drafts_accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted / proposed draft tokens (None without a draft model or when nothing was proposed)."""
+        return self.drafts_accepted / self.drafts_proposed if self.drafts_proposed else None
 
     @property
     def prefill_s(self) -> float:
@@ -76,7 +83,7 @@ class GenerationOutput:
 
 class Generator:
     def __init__(self, artifact: Artifact, backend, tokenizer, load_s: float = 0.0, max_batch: int = 8,
-                 max_queue: int = 256, prefill_chunk: int | None = None):
+                 max_queue: int = 256, prefill_chunk: int | None = None, draft=None, draft_k: int = 4):
         self.artifact = artifact
         self.backend = backend
         self.tokenizer = tokenizer
@@ -86,19 +93,24 @@ class Generator:
         self.max_context = min(self.config.n_positions, artifact.max_capacity,
                                backend.fixed_capacity or artifact.max_capacity)
         # One loop and one slot pool for every caller (engine/core.py).
+        self.draft = draft  # a second backend (speculative decoding), checked by from_pretrained
         self.core = EngineCore(backend, self.config.eos_token_id, self.max_context, max_batch=max_batch,
-                               max_queue=max_queue, prefill_chunk=prefill_chunk)
+                               max_queue=max_queue, prefill_chunk=prefill_chunk, draft=draft, draft_k=draft_k)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, backend: str = "ort", device: str = "cpu",
                         threads: int | None = None, max_batch: int = 8, max_queue: int = 256,
-                        prefill_chunk: int | None = None, **backend_options) -> Generator:
+                        prefill_chunk: int | None = None, draft: str | os.PathLike | None = None,
+                        draft_k: int = 4, **backend_options) -> Generator:
         """Load a model directory made by `gpt2-engine export`. backend: 'ort' (CPU/CUDA) or 'trt'.
 
         max_batch: KV-cache slots (requests decoding at once); max_queue: requests that may wait for a
         slot before submissions fail with EngineOverloaded; prefill_chunk: prompt tokens per loop
         iteration while other requests decode (None: adaptive, about 3/4 of a decode step's time;
-        0: never split a prompt).
+        0: never split a prompt). draft: a model directory with the same tokenizer and vocabulary (e.g.
+        the target's own int8 export) for speculative decoding: `draft_k` tokens proposed per round
+        when one request decodes alone; greedy output is the target's own, sampling follows its
+        distribution exactly.
         """
         from tokenizers import Tokenizer
 
@@ -108,16 +120,14 @@ class Generator:
             tokenizer = Tokenizer.from_file(str(art.tokenizer_path))
         except Exception as e:  # the Rust side raises plain Exceptions for malformed JSON
             raise ArtifactError(f"{art.tokenizer_path} is corrupt ({e}): re-run `gpt2-engine export`") from None
-        if backend == "ort":
-            from engine.backends.ort import OrtBackend
-            be = OrtBackend(art, device=device, threads=threads, **backend_options)
-        elif backend == "trt":
-            from engine.backends.trt import TrtBackend
-            be = TrtBackend(art, **backend_options)
-        else:
-            raise InputError(f"backend must be 'ort' or 'trt', got {backend!r}")
+        be = _load_backend(art, backend, device, threads, backend_options)
+        draft_be = None
+        if draft is not None:
+            draft_art = load_artifact(draft)
+            _check_draft(art, draft_art)
+            draft_be = _load_backend(draft_art, backend, device, threads, backend_options)
         return cls(art, be, tokenizer, time.perf_counter() - t0, max_batch=max_batch, max_queue=max_queue,
-                   prefill_chunk=prefill_chunk)
+                   prefill_chunk=prefill_chunk, draft=draft_be, draft_k=draft_k)
 
     # --- tokens ---------------------------------------------------------------------------------
 
@@ -167,7 +177,8 @@ class Generator:
         row, t = r.row, r.token_times
         admitted = r.admitted if r.admitted is not None else r.finished
         timings = Timings(self.load_s, admitted - r.submitted, (t[0] if t else r.finished) - r.submitted,
-                          tuple(float(b - a) for a, b in zip(t, t[1:])), r.finished - r.submitted)
+                          tuple(float(b - a) for a, b in zip(t, t[1:])), r.finished - r.submitted,
+                          r.drafts_proposed, r.drafts_accepted)
         return GenerationOutput(row.text, list(row.generated), list(row.prompt_ids), row.finish_reason, timings,
                                 r.logprobs)
 
@@ -294,9 +305,38 @@ class Generator:
         """Stop the engine loop (waiting and running requests end with EngineClosed), then the backend."""
         self.core.close()
         self.backend.close()
+        if self.draft is not None:
+            self.draft.close()
 
     def __enter__(self) -> Generator:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _load_backend(art: Artifact, backend: str, device: str, threads: int | None, options: dict):
+    if backend == "ort":
+        from engine.backends.ort import OrtBackend
+        return OrtBackend(art, device=device, threads=threads, **options)
+    if backend == "trt":
+        from engine.backends.trt import TrtBackend
+        return TrtBackend(art, **options)
+    raise InputError(f"backend must be 'ort' or 'trt', got {backend!r}")
+
+
+def _check_draft(target: Artifact, draft: Artifact) -> None:
+    """A draft must speak the target's tokens: same vocabulary size and the same tokenizer file."""
+    import hashlib
+
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise InputError(f"the draft {draft.path} has a vocabulary of {draft.config.vocab_size} tokens, the target "
+                         f"{target.path} {target.config.vocab_size}: a draft must share the target's vocabulary "
+                         "(e.g. the target's own int8 export: `gpt2-engine export MODEL --precision int8`)")
+    digests = [hashlib.sha256(a.tokenizer_path.read_bytes()).hexdigest() for a in (target, draft)]
+    if digests[0] != digests[1]:
+        raise InputError(f"the draft {draft.path} has another tokenizer than the target {target.path} "
+                         "(tokenizer.json differs): a draft must tokenize exactly as the target does")
+    if draft.max_capacity < target.max_capacity:
+        raise InputError(f"the draft {draft.path} holds {draft.max_capacity} positions, fewer than the target's "
+                         f"{target.max_capacity}: use a draft with at least the target's context")

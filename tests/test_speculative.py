@@ -1,0 +1,131 @@
+"""Speculative decoding: greedy output is the target's own token for token, whatever the draft;
+sampled output follows the target's distribution (the accept/resample rule, on fixed distributions,
+with a stated statistical bound); drafts that do not share the target's tokens are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from engine import InputError, SamplingParams
+from engine.speculative import accept_drafts
+from export.exporter import export_model
+from tests.runtime_fixtures import PROMPT_IDS, PROMPTS, load_generator, make_model
+
+N_DRAWS = 40_000
+# Each empirical frequency has std <= sqrt(0.25 / N) = 0.0025; total variation over 6 tokens stays
+# below 0.015 with overwhelming probability when the rule is right (measured ~0.004), while the
+# control below (always accepting the draft) is off by TV(p, q) ~ 0.3.
+TV_BOUND = 0.015
+
+
+def _dists(rng, k, V=6):
+    p = rng.dirichlet(np.ones(V), size=k + 1)                                  # (k+1, V) target
+    q = rng.dirichlet(np.ones(V) * 0.5, size=k)                                # (k, V) a different draft
+    return p, q
+
+
+def _tv(counts: np.ndarray, p: np.ndarray) -> float:
+    return 0.5 * float(np.abs(counts / counts.sum() - p).sum())
+
+
+def test_sampled_tokens_follow_the_target_distribution():
+    rng = np.random.default_rng(0)
+    p, q = _dists(rng, k=2)
+    first, second = np.zeros(6), np.zeros(6)
+    for _ in range(N_DRAWS):
+        drafts = [int(rng.choice(6, p=q[0])), int(rng.choice(6, p=q[1]))]
+        tokens, accepted = accept_drafts(p, q, drafts, rng, greedy=False)
+        assert len(tokens) == accepted + 1 and tokens[:accepted] == drafts[:accepted]
+        first[tokens[0]] += 1
+        if accepted >= 1:                      # the second position was reached: its token ~ p[1]
+            second[tokens[1]] += 1
+    assert _tv(first, p[0]) < TV_BOUND, _tv(first, p[0])
+    assert second.sum() > N_DRAWS / 4 and _tv(second, p[1]) < TV_BOUND * 1.5, _tv(second, p[1])
+
+
+def test_the_statistical_check_can_fail():
+    """Control: emitting the draft's tokens unchecked gives the draft's distribution, which the bound rejects."""
+    rng = np.random.default_rng(1)
+    p, q = _dists(rng, k=1)
+    counts = np.bincount([int(rng.choice(6, p=q[0])) for _ in range(N_DRAWS)], minlength=6)
+    assert _tv(counts, p[0]) > 5 * TV_BOUND
+
+
+def test_greedy_rule_keeps_the_target_argmax_path():
+    p = np.eye(5)[[3, 1, 4]]                                                   # target argmax: 3, 1, then 4
+    q = np.eye(5)[[3, 2]]
+    rng = np.random.default_rng(0)
+    state = rng.bit_generator.state
+    assert accept_drafts(p, q, [3, 2], rng, greedy=True) == ([3, 1], 1)        # second draft rejected: target's 1
+    assert accept_drafts(p, np.eye(5)[[3, 1]], [3, 1], rng, greedy=True) == ([3, 1, 4], 2)  # all + bonus
+    assert rng.bit_generator.state == state                                    # greedy draws nothing
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A gpt2-config random target (init 0.1: diverse greedy output), its int8 export, and a draft of
+    the same architecture with other weights (seed 1: low acceptance)."""
+    target = make_model(tmp_path_factory, "gpt2")
+    root = tmp_path_factory.mktemp("drafts")
+    int8 = export_model(str(target.ckpt), root / "int8", precision="int8", show_progress=False)
+    other = make_model(tmp_path_factory, "gpt2", seed=1)
+    return target, int8, other.art
+
+
+@pytest.mark.parametrize("which", ["int8", "other-seed"])
+def test_speculative_greedy_equals_the_target_alone(pair, which):
+    target, int8, other = pair
+    draft = int8 if which == "int8" else other
+    params = SamplingParams.greedy(64, stop_at_eos=False)
+    with load_generator(target, threads=2) as alone, load_generator(target, threads=2, draft=draft, draft_k=4) as spec:
+        for prompt in (PROMPT_IDS[0], PROMPTS[1]):
+            a, b = alone.generate(prompt, params), spec.generate(prompt, params)
+            assert b.token_ids == a.token_ids and b.text == a.text
+            assert len(set(a.token_ids)) > 10                                   # diverse: the comparison can fail
+            assert b.timings.drafts_proposed > 0 and b.timings.acceptance_rate is not None
+            print(f"{which}: acceptance {b.timings.acceptance_rate:.2f}")
+        if which == "other-seed":
+            assert b.timings.acceptance_rate < 0.5                              # mostly rejected, still exact
+        # Penalties and stop strings go through the same processing on both sides.
+        pen = SamplingParams.greedy(40, repetition_penalty=1.3, presence_penalty=0.5, stop_at_eos=False)
+        assert spec.generate(PROMPTS[0], pen).token_ids == alone.generate(PROMPTS[0], pen).token_ids
+
+
+def test_speculative_sampling_runs_and_reproduces_with_a_seed(pair):
+    target, int8, _ = pair
+    params = SamplingParams(max_new_tokens=32, top_k=20, temperature=0.8, seed=5)
+    with load_generator(target, threads=2, draft=int8) as spec:
+        a, b = spec.generate(PROMPTS[0], params), spec.generate(PROMPTS[0], params)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 32
+    assert a.timings.drafts_proposed > 0
+
+
+def test_no_speculation_while_requests_share_the_batch(pair):
+    target, int8, _ = pair
+    with load_generator(target, threads=2, draft=int8) as spec:
+        outs = spec.generate([PROMPT_IDS[0], PROMPT_IDS[2]], SamplingParams.greedy(8, stop_at_eos=False))
+    assert [o.timings.drafts_proposed for o in outs] == [0, 0]
+
+
+def test_a_draft_with_other_tokens_is_refused(pair, tmp_path_factory):
+    target, int8, _ = pair
+    bad_vocab = tmp_path_factory.mktemp("bad-vocab") / "d"
+    shutil.copytree(int8, bad_vocab)
+    manifest = json.loads((bad_vocab / "manifest.json").read_text())
+    manifest["config"]["vocab_size"] = 50000
+    (bad_vocab / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="vocabulary of 50000 tokens.*share the target's vocabulary"):
+        load_generator(target, draft=bad_vocab)
+
+    bad_tok = tmp_path_factory.mktemp("bad-tok") / "d"
+    shutil.copytree(int8, bad_tok)
+    tok = json.loads((bad_tok / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["Hello"], tok["model"]["vocab"]["hello"] = tok["model"]["vocab"]["hello"], tok["model"]["vocab"]["Hello"]
+    (bad_tok / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(InputError, match="another tokenizer"):
+        load_generator(target, draft=bad_tok)
