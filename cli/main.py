@@ -110,9 +110,14 @@ main.add_command(bench_serve)
 @click.option("--init", type=click.Choice(["random"]), default=None,
               help="When MODEL is a size name: random weights (no download).")
 @click.option("--timings", is_flag=True, help="Print load / prefill / decode timings to stderr.")
+@click.option("--draft", type=click.Path(path_type=Path), default=None,
+              help="Speculative decoding: a draft model directory with the same tokenizer (e.g. MODEL's own int8 "
+                   "export). Greedy output is unchanged; sampling keeps MODEL's distribution.")
+@click.option("--draft-k", type=click.IntRange(1, 16), default=4, show_default=True,
+              help="Draft tokens proposed per speculative round.")
 @friendly_errors
 def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy, seed, stop,
-             stream, batch_file, truncate, backend, device, threads, precision, init, timings):
+             stream, batch_file, truncate, backend, device, threads, precision, init, timings, draft, draft_k):
     """Generate text from PROMPT with MODEL: a model directory, or a name exported on first use into
     ~/.cache/gpt2-engine (override with GPT2_ENGINE_CACHE)."""
     from engine.errors import InputError
@@ -133,7 +138,8 @@ def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetitio
     if not prompts:
         raise InputError("--batch-file holds no prompts (one per line)")
     directory = resolve_model_dir(model, precision=precision, init=init)
-    with Generator.from_pretrained(directory, backend=backend, device=device, threads=threads) as gen:
+    with Generator.from_pretrained(directory, backend=backend, device=device, threads=threads, draft=draft,
+                                   draft_k=draft_k) as gen:
         if gen.artifact.is_random:
             click.echo(f"[{gen.artifact.label}]", err=True)
         if stream:
@@ -151,7 +157,9 @@ def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetitio
             t = outs[0].timings
             click.echo(f"load {gen.load_s * 1e3:.0f} ms | prefill {t.prefill_s * 1e3:.1f} ms | decode "
                        f"{t.decode_per_token_s * 1e3:.1f} ms/token over {t.decode_steps} steps | batch {len(prompts)} | "
-                       f"finish {', '.join(o.finish_reason for o in outs)}", err=True)
+                       f"finish {', '.join(o.finish_reason for o in outs)}"
+                       + (f" | draft acceptance {t.acceptance_rate:.0%}" if t.acceptance_rate is not None else ""),
+                       err=True)
 
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path))

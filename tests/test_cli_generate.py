@@ -191,3 +191,15 @@ def test_cli_generate_by_name_exports_once(exports, tmp_path):
     assert first.stdout == second.stdout
     assert len(exports) == 1
     assert os.listdir(tmp_path / "cache") == ["distilgpt2-fp32-random-seed0"]
+
+
+def test_cli_generate_with_a_draft_model(tiny_model, tmp_path):
+    """--draft: the model itself as its own draft accepts every proposal; the output is unchanged."""
+    args = ("generate", str(tiny_model.art), PROMPTS[0], "-n", "24", "--greedy", "--timings")
+    plain = run_cli(*args)
+    spec = run_cli(*args, "--draft", str(tiny_model.art), "--draft-k", "3")
+    assert plain.returncode == spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout
+    assert "draft acceptance 100%" in spec.stderr
+    bad = run_cli(*args, "--draft", str(tmp_path / "missing"))
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr and "missing" in bad.stderr
