@@ -21,7 +21,7 @@ from cli.errors import friendly_errors
 # The bench's vocabulary (benchmarks/runners.py, benchmarks/harness.py), repeated here so that loading
 # the `gpt2-engine` group (every CLI call) does not import them and numpy; tests/test_bench_harness.py
 # checks the two agree.
-ENGINE_BACKENDS = ("ort", "ort-int8", "ort-cuda", "trt")
+ENGINE_BACKENDS = ("ort", "ort-int8", "ort-spec", "ort-cuda", "trt")
 PEERS = ("hf", "ct2", "ct2-int8")
 DEFAULT_PEERS = ("hf", "ct2")
 DEFAULT_POSITIONS = (16, 128, 256, 512, 900, 1000)

@@ -238,6 +238,8 @@ def _time_config(rec: BenchRecord, runner: Runner, prompts: np.ndarray, n: int, 
         rec.extra["decode_step_all"] = percentiles(s for r in runs for s in r.step_s)
     rec.e2e = percentiles(r.e2e_s for r in runs)
     rec.tokens_per_s = percentiles(rates(b * n, (r.e2e_s for r in runs)))
+    if hasattr(runner, "acceptance"):  # speculative decoding: the draft's acceptance rate over these runs
+        rec.extra["draft_acceptance"] = runner.acceptance()
     rec.peak_rss_mb = round(rss.peak_mb(), 1)
     if rec.device != "cpu":
         rec.gpu_mem_mb = gpu_memory_mb()

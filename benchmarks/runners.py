@@ -20,12 +20,14 @@ from engine.config import GPT2Config
 from engine.loop import LoopTimings, decode_step, new_row, prefill, run_loop, sequence_logits
 from engine.sampling import SamplingParams
 
-ENGINE_BACKENDS = ("ort", "ort-int8", "ort-cuda", "trt")
+ENGINE_BACKENDS = ("ort", "ort-int8", "ort-spec", "ort-cuda", "trt")
 PEERS = ("hf", "ct2", "ct2-int8")
 DEFAULT_PEERS = ("hf", "ct2")
 # GPU backends run the fp16 artifact (docs/ARCHITECTURE.md, "Known facts": fp16 is for GPUs; ORT CPU
 # has no fp16 MatMul).
-ENGINE_PRECISION = {"ort": "fp32", "ort-int8": "int8", "ort-cuda": "fp16", "trt": "fp16"}
+ENGINE_PRECISION = {"ort": "fp32", "ort-int8": "int8", "ort-spec": "fp32", "ort-cuda": "fp16", "trt": "fp16"}
+# ort-spec: the fp32 model with its own int8 export as the draft (speculative decoding, engine/speculative.py).
+DRAFT_PRECISION = {"ort-spec": "int8"}
 
 
 class EngineRunner:
@@ -85,6 +87,50 @@ class EngineRunner:
         self.backend.close()
 
 
+class SpeculativeRunner:
+    """The Generator (the in-flight engine loop) with a draft model: speculative decoding at batch 1.
+
+    A round emits several tokens at once, so a run's decode steps are its mean time per token (each
+    step entry is that mean; p50 over runs is then ms/token), and each run's draft acceptance rate is
+    kept for the record (`acceptance`).
+    """
+
+    def __init__(self, gen):
+        self.gen = gen
+        self.rates: list[float] = []
+
+    def _generate(self, prompts, n: int):
+        params = SamplingParams.greedy(n, stop_at_eos=False)  # forced length, as the peers
+        return self.gen.generate([[int(t) for t in p] for p in prompts], params)
+
+    def greedy(self, prompt, n):
+        return self._generate([prompt], n)[0].token_ids
+
+    def logits(self, ids):
+        return self.gen.logits([int(t) for t in ids])                        # (T, V)
+
+    def run(self, prompts, n):
+        t0 = time.perf_counter()
+        outs = self._generate(prompts, n)
+        e2e = time.perf_counter() - t0
+        per_token = float(np.mean([o.timings.decode_per_token_s for o in outs])) if n > 1 else 0.0
+        rates = [o.timings.acceptance_rate for o in outs if o.timings.acceptance_rate is not None]
+        self.rates += rates
+        # TTFT: the engine's own figure (engine/generator.py Timings: the same span, from submission).
+        return RunTiming(max(o.timings.ttft_s for o in outs), [per_token] * (n - 1), e2e)
+
+    def step_times_at(self, prompts, steps):
+        return self.run(prompts, steps + 1).step_s
+
+    def acceptance(self) -> float | None:
+        """Mean draft acceptance rate over the runs since the last call."""
+        rates, self.rates = self.rates, []
+        return round(float(np.mean(rates)), 3) if rates else None
+
+    def close(self):
+        self.gen.close()
+
+
 @dataclass
 class RunnerSpec:
     """One runner to measure: its record name, precision, device and how to load it."""
@@ -127,19 +173,25 @@ def trt_unavailable() -> str | None:
 def engine_spec(backend: str, model: PreparedModel, threads: int | None) -> RunnerSpec:
     """The engine on ``backend``, loading the artifact of its precision (exported untimed, in prepare)."""
     precision = ENGINE_PRECISION[backend]
-    device = "cpu" if backend in ("ort", "ort-int8") else "cuda"
+    device = "cpu" if backend in ("ort", "ort-int8", "ort-spec") else "cuda"
 
     def prepare() -> None:
         why = ort_cuda_unavailable() if backend == "ort-cuda" else trt_unavailable() if backend == "trt" else None
         if why:
             raise Skipped(why)
         model.artifact(precision)
+        if backend in DRAFT_PRECISION:
+            model.artifact(DRAFT_PRECISION[backend])
 
     def load() -> Runner:
         from tokenizers import Tokenizer
 
         from engine.artifact import load_artifact
         path = model.artifact(precision)
+        if backend in DRAFT_PRECISION:
+            from engine.generator import Generator
+            return SpeculativeRunner(Generator.from_pretrained(path, threads=threads, max_batch=16,
+                                                               draft=model.artifact(DRAFT_PRECISION[backend])))
         art = load_artifact(path)
         tok = Tokenizer.from_file(str(art.tokenizer_path))
         if backend == "trt":

@@ -36,6 +36,10 @@ def add_ratios(records: list[BenchRecord]) -> None:
             r.ratios["ttft_x_prefill_floor"] = ratio(r.ttft["p50"], r.floor["prefill_floor_s"])
         if not r.backend.startswith("engine-"):
             continue
+        if r.backend == "engine-ort-spec":  # speculative decoding vs the same target without a draft
+            alone = next((t for t in records if t.ok and t.backend == "engine-ort" and _key(t) == _key(r)), None)
+            if alone is not None and r.decode_per_token and alone.decode_per_token:
+                r.ratios["decode_vs_target_alone"] = ratio(r.decode_per_token["p50"], alone.decode_per_token["p50"])
         one = by_batch_one.get((r.backend, r.precision, r.model, r.prompt_len, r.new_tokens))
         if r.batch > 1 and one is not None and r.tokens_per_s and one.tokens_per_s:
             r.ratios["tokens_scaling"] = ratio(r.tokens_per_s["p50"], one.tokens_per_s["p50"])
