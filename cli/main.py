@@ -180,5 +180,36 @@ def build(directory, max_batch, max_prompt, capacity, timing_cache, force):
     click.echo(f"engine: {plan}")
 
 
+@main.command()
+@click.argument("model")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: every one).")
+@click.option("--port", type=int, default=8000, show_default=True, help="TCP port (0: a free one, printed at start).")
+@click.option("--max-batch", type=int, default=8, show_default=True, help="Requests decoding at once (KV-cache slots).")
+@click.option("--max-queue", type=int, default=64, show_default=True,
+              help="Requests that may wait for a slot; beyond it, 503 with Retry-After.")
+@click.option("--api-key", default=None, envvar="GPT2_ENGINE_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize (env GPT2_ENGINE_API_KEY).")
+@click.option("--cors-origin", "cors_origins", multiple=True, help="Allowed CORS origin (repeatable; '*' for any).")
+@click.option("--served-model-name", default=None, help="The model id clients send and /v1/models lists (default: MODEL).")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: ONNX Runtime's choice).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="When MODEL is a name: the precision to export it in.")
+@click.option("--init", type=click.Choice(["random"]), default=None,
+              help="When MODEL is a size name: random weights (no download).")
+@click.option("--drain-timeout", type=float, default=30.0, show_default=True,
+              help="On SIGTERM: seconds running requests get to finish before they are aborted.")
+@friendly_errors
+def serve(model, host, port, max_batch, max_queue, api_key, cors_origins, served_model_name, threads, precision, init,
+          drain_timeout):
+    """Serve MODEL (a model directory or a name) over HTTP with OpenAI's completions API (docs/serving.md)."""
+    try:
+        from server.run import serve as run_server
+    except ImportError as e:
+        raise click.ClickException(f"gpt2-engine serve needs the [serve] extra ({e}): pip install -e '.[serve]'") from None
+    raise SystemExit(run_server(model, host=host, port=port, max_batch=max_batch, max_queue=max_queue, api_key=api_key,
+                                cors_origins=tuple(cors_origins), served_model_name=served_model_name, threads=threads,
+                                precision=precision, init=init, drain_timeout_s=drain_timeout))
+
+
 if __name__ == "__main__":
     main()
