@@ -25,15 +25,15 @@ from dataclasses import dataclass, field, replace
 from starlette.responses import Response
 
 from engine import EngineError, SamplingParams
-from server.errors import APIError, bad_request, from_engine, internal
+from server.errors import APIError, bad_request, from_engine, internal, unavailable
 from server.logprobs import LogprobsBuilder, prompt_logprobs
 from server.protocol import MAX_LOGPROBS, MAX_N, CompletionRequest
 
 log = logging.getLogger("gpt2_engine.server")
 
 # Engine finish reasons -> OpenAI's ("stop": an eos or a stop string; "length": the token budget or the context).
-FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "deadline": "length",
-          "abort": "abort"}
+# ("abort" never reaches a client: a disconnect cancels, and a drain past its bound answers 503.)
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "deadline": "length"}
 # OpenAI's documented ranges for the fields the engine accepts more widely.
 RANGES = {"temperature": (0.0, 2.0), "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0)}
 LOGIT_BIAS_RANGE = (-100.0, 100.0)
@@ -374,6 +374,9 @@ class CompletionResponse(Response):
         return head
 
     def _apply(self, st: ChoiceState, d) -> None:
+        if d.finish_reason == "abort":   # not the client (that is a cancellation): the server stopping past its drain bound
+            raise unavailable("the server stopped before this request finished (shutdown past its drain bound): "
+                              "retry on another instance", "server_shutting_down")
         st.text += d.text
         st.n_tokens += len(d.token_ids)
         if st.logprobs is not None and d.logprobs:

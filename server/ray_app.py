@@ -258,18 +258,22 @@ def app_builder(args: dict):
 # --- deploying, with bounded waits and one-line errors --------------------------------------------------
 
 
+def _cpus(n: float) -> str:
+    return f"{n:g} CPU" + ("" if n == 1 else "s")
+
+
 def check_capacity(opts: RayOptions) -> None:
     """Fail before deploying when the cluster cannot place the replicas at all (it would wait forever)."""
     total = float(ray.cluster_resources().get("CPU", 0.0))
     per_node = [float(n.get("Resources", {}).get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
     biggest = max(per_node, default=0.0)
     if opts.num_cpus > biggest + 1e-9:
-        raise RayDeployError(f"a replica asks for {opts.num_cpus:g} CPUs but the largest node has {biggest:g}: "
+        raise RayDeployError(f"a replica asks for {_cpus(opts.num_cpus)} but the largest node has {biggest:g}: "
                              "lower --num-cpus, or add a bigger node")
     need = opts.min_replicas * opts.num_cpus
     if need > total + 1e-9:
         fit = int(total // opts.num_cpus + 1e-9)
-        raise RayDeployError(f"{opts.min_replicas} replicas x {opts.num_cpus:g} CPUs = {need:g} CPUs, but the cluster "
+        raise RayDeployError(f"{opts.min_replicas} replicas x {_cpus(opts.num_cpus)} = {_cpus(need)}, but the cluster "
                              f"has {total:g}: at most {fit} fit; lower --replicas (or the autoscale minimum) or "
                              "--num-cpus, or add nodes (ray start --address=...)")
     if opts.autoscale and opts.max_replicas * opts.num_cpus > total + 1e-9:
@@ -343,6 +347,20 @@ def deploy(opts: RayOptions, *, timeout_s: float = DEPLOY_TIMEOUT_S) -> str:
     return proxy_url() + opts.route_prefix.rstrip("/")
 
 
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) address must accept a TCP connection: Ray itself retries an
+    unreachable head for minutes. `auto` (the cluster `ray start` left on this machine) is Ray's to find."""
+    m = re.fullmatch(r"(?:ray://)?\[?([^\]]+?)\]?:(\d+)", address.strip())
+    if not m:
+        return
+    import socket
+    try:
+        socket.create_connection((m.group(1), int(m.group(2))), timeout=timeout_s).close()
+    except OSError as e:
+        raise RayDeployError(f"cannot join the Ray cluster at {address}: {e.strerror or e} (is `ray start --head` "
+                             "running there, and the port open?)") from None
+
+
 def proxy_url() -> str:
     """http://host:port of the running Serve instance's HTTP proxy."""
     from ray.serve.context import _get_global_client
@@ -357,6 +375,8 @@ def run(opts: RayOptions, *, address: str | None = None, host: str = "127.0.0.1"
     until SIGINT/SIGTERM, then take the application down (a local cluster: Serve and Ray too; a joined
     cluster: this application, and Serve when no other application is left). Returns the exit code."""
     started_local = not address
+    if address:
+        check_reachable(address)
     try:
         ray.init(address=address or None, include_dashboard=False, logging_level=logging.WARNING)
     except ConnectionError as e:
@@ -364,6 +384,7 @@ def run(opts: RayOptions, *, address: str | None = None, host: str = "127.0.0.1"
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        check_capacity(opts)          # before Serve starts: a cluster too small says so at once
         serve.start(http_options={"host": host, "port": port})
         url = proxy_url()
         if not started_local and url != f"http://{host}:{port}":

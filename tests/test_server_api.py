@@ -211,6 +211,10 @@ def test_echo_and_prompt_scoring(client, gen):
     assert c.text == prompt + ref.text
     lp = c.logprobs
     assert len(lp.tokens) == len(ids) + len(ref.token_ids)
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, echo=True,
+                                            stream=True))
+    assert chunks[0].choices[0].text == prompt                         # the prompt first, then the deltas
+    assert "".join(ch.choices[0].text for ch in chunks) == prompt + ref.text
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert lp.text_offset[0] == 0 and lp.text_offset[len(ids)] == len(prompt)
 
@@ -483,6 +487,27 @@ def test_drain_refuses_new_requests_and_stops_when_idle(tiny_model):
             assert data[-1] == "[DONE]" and json.loads(data[-2])["choices"][0]["finish_reason"] == "length"
         s.thread.join(15)
         assert not s.thread.is_alive()                          # stopped by itself once idle
+    finally:
+        s.stop()
+        g.close()
+
+
+def test_drain_past_its_bound_aborts_with_an_error_event(tiny_model):
+    g = load_generator(tiny_model, max_batch=2, max_queue=4)
+    s = start_in_thread(g, model_name=MODEL, drain_timeout_s=0.2)
+    try:
+        with httpx.Client(base_url=s.url, timeout=30) as h, h.stream("POST", "/v1/completions",
+                                                                     json={**LONG, "stream": True}) as run:
+            lines = run.iter_lines()
+            next(lines)
+            s.drain()
+            data = sse_data(lines)                              # 1000 tokens take ~1.5 s: cut at ~0.2-0.3 s
+        assert data[-1] == "[DONE]"
+        err = json.loads(data[-2])["error"]
+        assert err["code"] == "server_shutting_down" and "drain bound" in err["message"]
+        assert all(json.loads(d)["choices"][0]["finish_reason"] is None for d in data[:-2])
+        s.thread.join(15)
+        assert not s.thread.is_alive()
     finally:
         s.stop()
         g.close()
