@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch first (a test/peer dependency), so nothing pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,bench,hub,serve]'
+	$(PY) -m pip install -q -e '.[test,bench,hub,serve,ray]'
 	touch $@
 
 demo: $(VENV)/.installed

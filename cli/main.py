@@ -180,6 +180,36 @@ def build(directory, max_batch, max_prompt, capacity, timing_cache, force):
     click.echo(f"engine: {plan}")
 
 
+def _autoscale_range(ctx, param, value):
+    if value is None:
+        return None
+    lo, sep, hi = value.partition(":")
+    try:
+        lo_n, hi_n = int(lo), int(hi)
+    except ValueError:
+        lo_n = hi_n = -1
+    if not sep or not (0 <= lo_n <= hi_n and hi_n >= 1):
+        raise click.BadParameter(f"MIN:MAX with 0 <= MIN <= MAX and MAX >= 1 (e.g. 1:4), got {value!r}")
+    return lo_n, hi_n
+
+
+def _serve_on_ray(model, **options) -> int:
+    """`serve --ray`: server/ray_app.py, imported here only (nothing else imports the deployment module)."""
+    try:
+        from server.ray_app import RayDeployError, serve_from_cli
+    except ImportError as e:
+        msg = str(e)
+        raise click.ClickException(msg if "gpt2-engine[ray]" in msg else
+                                   f"gpt2-engine serve --ray needs the [serve] and [ray] extras ({e}): "
+                                   "pip install -e '.[serve,ray]'") from None
+    num_cpus = options.pop("num_cpus")
+    try:
+        return serve_from_cli(model, **options, **({"num_cpus": num_cpus} if num_cpus is not None else {}),
+                              echo=click.echo)
+    except RayDeployError as e:
+        raise click.ClickException(str(e)) from None
+
+
 @main.command()
 @click.argument("model")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: every one).")
@@ -198,10 +228,31 @@ def build(directory, max_batch, max_prompt, capacity, timing_cache, force):
               help="When MODEL is a size name: random weights (no download).")
 @click.option("--drain-timeout", type=float, default=30.0, show_default=True,
               help="On SIGTERM: seconds running requests get to finish before they are aborted.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Run on Ray Serve: replicas of this server, each with its own engine (docs/scaling.md; the [ray] extra).")
+@click.option("--replicas", type=click.IntRange(min=1), default=None, help="With --ray: a fixed number of replicas [default: 1].")
+@click.option("--autoscale", default=None, metavar="MIN:MAX", callback=_autoscale_range,
+              help="With --ray: autoscale between MIN and MAX replicas (instead of --replicas).")
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="With --ray: join this Ray cluster (auto, HEAD_IP:6379, ray://...) instead of starting a local one.")
+@click.option("--num-cpus", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="With --ray: CPUs per replica, fractions allowed; its ONNX Runtime threads follow (max(1, round(F))) "
+                   "unless --threads [default: 1].")
 @friendly_errors
 def serve(model, host, port, max_batch, max_queue, api_key, cors_origins, served_model_name, threads, precision, init,
-          drain_timeout):
-    """Serve MODEL (a model directory or a name) over HTTP with OpenAI's completions API (docs/serving.md)."""
+          drain_timeout, use_ray, replicas, autoscale, ray_address, num_cpus):
+    """Serve MODEL (a model directory or a name) over HTTP with OpenAI's completions API (docs/serving.md);
+    with --ray, as replicas on a Ray cluster (docs/scaling.md)."""
+    ray_only = {"--replicas": replicas, "--autoscale": autoscale, "--ray-address": ray_address, "--num-cpus": num_cpus}
+    if use_ray:
+        raise SystemExit(_serve_on_ray(model, host=host, port=port, max_batch=max_batch, max_queue=max_queue,
+                                       api_key=api_key, cors_origins=tuple(cors_origins),
+                                       served_model_name=served_model_name, threads=threads, precision=precision,
+                                       init=init, drain_timeout_s=drain_timeout, replicas=replicas, autoscale=autoscale,
+                                       address=ray_address, num_cpus=num_cpus))
+    given = [name for name, value in ray_only.items() if value is not None]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} only apply with --ray")
     try:
         from server.run import serve as run_server
     except ImportError as e:
