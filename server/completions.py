@@ -203,8 +203,16 @@ def _replace(params: SamplingParams, **kw) -> SamplingParams:
 # ---- running -------------------------------------------------------------------------------------------------
 
 
-class ClientGone(Exception):
-    """The client disconnected; the work was cancelled."""
+async def cancel_and_wait(tasks) -> None:
+    """Cancel tasks and wait until every one has ended, cancelling again while any runs: on Python < 3.12
+    `asyncio.wait_for` (which the engine's stream awaits each delta with) swallows a cancellation that
+    lands just as its inner wait completes, and the task then goes on."""
+    tasks = [t for t in tasks if not t.done()]
+    while tasks:
+        for t in tasks:
+            t.cancel()
+        await asyncio.wait(tasks, timeout=0.05)
+        tasks = [t for t in tasks if not t.done()]
 
 
 async def _wait_disconnect(receive) -> None:
@@ -217,10 +225,9 @@ async def _wait_disconnect(receive) -> None:
 async def run_until_disconnect(receive, work: Awaitable, on_disconnect=None) -> bool:
     """Run `work` until it ends or the client disconnects (then cancel it). True when the client left first.
 
-    Plain asyncio tasks: a cancelled task's cleanup (closing the engine streams) can still await. The
-    cancellation is repeated until the task ends: on Python < 3.12 `asyncio.wait_for` (which the engine's
-    stream awaits each delta with) swallows a cancellation that lands as its inner wait completes.
-    `on_disconnect` runs first, so the work can also see the flag at its next delta.
+    Plain asyncio tasks: a cancelled task's cleanup (closing the engine streams) can still await.
+    `on_disconnect` runs before the cancellation, so the work also stops at its next delta (a flag,
+    for a cancellation that does not land: see `cancel_and_wait`).
     """
     task = asyncio.ensure_future(work)
     watch = asyncio.ensure_future(_wait_disconnect(receive))
@@ -230,10 +237,7 @@ async def run_until_disconnect(receive, work: Awaitable, on_disconnect=None) -> 
         gone = watch.done() and not task.done()
         if gone and on_disconnect is not None:
             on_disconnect()
-        watch.cancel()
-        while not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.05)
+        await cancel_and_wait([task, watch])
         await asyncio.gather(task, watch, return_exceptions=True)
     if not task.cancelled() and task.exception() is not None:
         raise task.exception()
@@ -246,8 +250,7 @@ async def gather_or_cancel(aws: list[Awaitable]) -> list:
     try:
         return await asyncio.gather(*tasks)
     except BaseException:
-        for t in tasks:
-            t.cancel()
+        await cancel_and_wait(tasks)
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
 
@@ -512,7 +515,6 @@ async def _merged(opened: list[tuple[ChoiceState, AsyncIterator]], firsts: list,
                 continue
             yield opened[k][0], d
     finally:
-        for t in tasks:
-            t.cancel()
+        await cancel_and_wait(tasks)
         await asyncio.gather(*tasks, return_exceptions=True)
 
