@@ -24,6 +24,7 @@ from pathlib import Path
 
 import uvicorn
 
+from engine.errors import EngineError
 from server.app import ServerState, create_app
 
 log = logging.getLogger("gpt2_engine.server")
@@ -75,7 +76,12 @@ def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise EngineError(f"cannot listen on {host}:{port}: {e.strerror or e} (another server there? pick another "
+                          "--port, or 0 for a free one)") from None
     sock.listen(2048)
     sock.setblocking(False)
     return sock

@@ -134,3 +134,17 @@ def test_serve_without_a_model_fails_with_exit_1(tmp_path):
         assert "loading" in srv.log and "failed" in srv.log
     finally:
         srv.kill()
+
+
+def test_serve_on_a_busy_port_is_one_line_and_exit_1(tiny_model):
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        srv = ServeProcess(str(tiny_model.art), "--port", str(port))
+        try:
+            assert srv.proc.wait(60) == 1, srv.log
+            assert f"cannot listen on 127.0.0.1:{port}" in srv.log and "Traceback" not in srv.log
+        finally:
+            srv.kill()
