@@ -249,14 +249,18 @@ class Generator:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[Delta] = asyncio.Queue()
         (req,) = self._submit(rows, lambda d: loop.call_soon_threadsafe(q.put_nowait, d), deadline_s)
+        getter: asyncio.Future | None = None
         try:
             while True:
-                try:
-                    d = await asyncio.wait_for(q.get(), timeout=1.0)
-                except asyncio.TimeoutError:
+                # asyncio.wait, not wait_for: on Python < 3.12 wait_for can swallow a cancellation that
+                # arrives as the delta does, and a cancelled task (a client gone) must abort its request.
+                getter = getter or asyncio.ensure_future(q.get())
+                done, _ = await asyncio.wait({getter}, timeout=1.0)
+                if not done:
                     if not self.core.alive:
-                        raise EngineClosed("the engine loop is not running (closed)") from None
+                        raise EngineClosed("the engine loop is not running (closed)")
                     continue
+                d, getter = getter.result(), None
                 if d.error is not None:
                     raise d.error
                 if d.request is not None:
@@ -265,6 +269,8 @@ class Generator:
                 if d.request is not None:
                     return
         finally:
+            if getter is not None:
+                getter.cancel()
             if not req.done:
                 self.core.abort(req)
 

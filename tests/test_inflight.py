@@ -287,3 +287,29 @@ def _wait_for(cond, timeout: float = 10.0) -> None:
         if time.perf_counter() - t0 > timeout:
             raise AssertionError("condition not reached in time")
         time.sleep(0.002)
+
+
+def test_every_cancelled_task_aborts_its_request(tiny_model):
+    """Cancellations that land while deltas keep arriving (asyncio.wait_for on Python < 3.12 could
+    swallow one, leaving the request to run to its end)."""
+    async def main(g):
+        async def consume():
+            async for _ in g.astream_deltas(PROMPTS[1], SamplingParams(max_new_tokens=900, seed=0, stop_at_eos=False)):
+                await asyncio.sleep(0)
+
+        tasks = [asyncio.ensure_future(consume()) for _ in range(8)]
+        for i, t in enumerate(tasks):
+            await asyncio.sleep(0.003 * (i + 1))
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for _ in range(500):
+            if g.stats().running == g.stats().waiting == 0:
+                break
+            await asyncio.sleep(0.01)
+        return g.stats()
+
+    with load_generator(tiny_model, max_batch=8, threads=1) as g:
+        s = asyncio.run(main(g))
+        assert (s.running, s.waiting) == (0, 0)
+        time.sleep(0.05)
+        assert g.stats().forward_calls == s.forward_calls < 900    # none ran on to its end (900 steps)
