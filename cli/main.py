@@ -236,7 +236,7 @@ def _serve_on_ray(model, **options) -> int:
 @click.option("--ray-address", default=None, metavar="ADDRESS",
               help="With --ray: join this Ray cluster (auto, HEAD_IP:6379, ray://...) instead of starting a local one.")
 @click.option("--num-cpus", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="With --ray: CPUs per replica, fractions allowed; its ONNX Runtime threads follow (max(1, round(F))) "
+              help="With --ray: CPUs per replica, fractions allowed; its ONNX Runtime threads follow (F rounded, at least 1) "
                    "unless --threads [default: 1].")
 @friendly_errors
 def serve(model, host, port, max_batch, max_queue, api_key, cors_origins, served_model_name, threads, precision, init,

@@ -11,8 +11,9 @@ share nothing, and Ray's HTTP proxy spreads requests over them. The app is late-
 which only exists once the replica's engine has loaded, so each replica builds its app after loading.
 
 - `ray_actor_options={"num_cpus": F}` (fractional allowed) reserves the replica's cores, and ONNX
-  Runtime's intra-op threads follow it: max(1, round(F)), read from the resources Ray actually
-  assigned, so a Serve config file that overrides `num_cpus` moves the threads with it.
+  Runtime's intra-op threads follow it: F rounded to the nearest integer (halves up), at least 1,
+  read from the resources Ray actually assigned, so a Serve config file that overrides `num_cpus`
+  moves the threads with it.
 - `max_ongoing_requests` (requests the proxy sends a replica at once) is never below the replica's
   slot pool (`max_batch`); what is beyond it waits in the proxy, which then routes it to whichever
   replica frees up first. `max_queued_requests` bounds that wait (503 past it, like the engine's queue).
@@ -181,7 +182,7 @@ class RayOptions:
     autoscale: tuple[int, int] | None = None    # (min, max) replicas; replaces `replicas`
     target_ongoing_requests: float | None = None  # autoscaling: requests per replica to aim for (default max_batch / 2)
     num_cpus: float = DEFAULT_NUM_CPUS          # per replica, fractional allowed
-    threads: int | None = None                  # ONNX Runtime threads per replica (default: max(1, round(num_cpus)))
+    threads: int | None = None                  # ONNX Runtime threads per replica (default: num_cpus rounded, at least 1)
     max_batch: int = DEFAULT_MAX_BATCH
     max_queue: int = DEFAULT_MAX_QUEUE
     max_ongoing_requests: int | None = None     # default 2 * max_batch; never below max_batch
@@ -394,7 +395,7 @@ def run(opts: RayOptions, *, address: str | None = None, host: str = "127.0.0.1"
         scale = (f"autoscaling {opts.autoscale[0]}-{opts.autoscale[1]} replicas" if opts.autoscale
                  else f"{opts.replicas} replica{'s' if opts.replicas != 1 else ''}")
         echo(f"serving {opts.served_model_name or Path(opts.model_dir).name} on {url} ({where}, {scale}, "
-             f"{opts.num_cpus:g} CPUs each; Ctrl-C stops)")
+             f"{_cpus(opts.num_cpus)} each; Ctrl-C stops)")
         while not stop.wait(1.0):
             pass
         echo("stopping")
