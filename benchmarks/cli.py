@@ -229,6 +229,9 @@ def _range(option: str, value: tuple[int, int]) -> tuple[int, int]:
               help="ONNX Runtime intra-op threads (default: physical cores).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="The in-flight engine's KV-cache slots (requests decoding at once).")
+@click.option("--prefill-chunk", type=click.IntRange(min=0), default=None,
+              help="The in-flight engine's prompt tokens per iteration while others decode (default: adaptive, "
+                   "~3/4 of a decode step; 0: never split a prompt, to measure what chunking buys).")
 @click.option("--concurrency", "concurrency", type=click.IntRange(min=1), multiple=True,
               default=SERVE_CONCURRENCY, show_default=True, help="Closed-loop clients; repeatable.")
 @click.option("--rate", "rates", type=click.FloatRange(min=0, min_open=True), multiple=True,
@@ -257,7 +260,7 @@ def _range(option: str, value: tuple[int, int]) -> tuple[int, int]:
               help="Where random checkpoints and exports are kept (default: the bench's, $GPT2_ENGINE_CACHE/bench).")
 @click.pass_context
 @friendly_errors
-def bench_serve(ctx, models, init, seed, init_range, threads, max_batch, concurrency, rates, requests, time_limit,
+def bench_serve(ctx, models, init, seed, init_range, threads, max_batch, prefill_chunk, concurrency, rates, requests, time_limit,
                 modes, http_url, http_model, prompt_lens, new_tokens, workload_seed, quick, out, work_dir):
     """Serving benchmark: the in-flight engine, thread-per-request (the old Generator) and the static
     batch (the ceiling) under a closed-loop concurrency sweep and open-loop Poisson arrivals, on one
@@ -295,7 +298,8 @@ def bench_serve(ctx, models, init, seed, init_range, threads, max_batch, concurr
     from benchmarks.serve_bench import ServePlan
     plan = ServePlan(concurrency=tuple(dict.fromkeys(concurrency)), rates=tuple(dict.fromkeys(rates)),
                      requests=requests, quick=quick, time_limit_s=time_limit, modes=modes,
-                     threads=threads or _physical_cores(), max_batch=max_batch, prompt_lens=prompt_lens,
+                     threads=threads or _physical_cores(), max_batch=max_batch, prefill_chunk=prefill_chunk,
+                     prompt_lens=prompt_lens,
                      new_tokens=new_tokens, workload_seed=workload_seed, arrival_seed=workload_seed,
                      http_url=http_url, http_model=http_model)
     out = out or Path("bench-results") / ("serve-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S"))

@@ -498,6 +498,7 @@ class ServePlan:
     modes: tuple[str, ...] = LOCAL_MODES
     threads: int | None = None
     max_batch: int = 8
+    prefill_chunk: int | None = None            # the Generator's: None adaptive, 0 never split, N tokens
     prompt_lens: tuple[int, int] = DEFAULT_PROMPT_LENS
     new_tokens: tuple[int, int] = DEFAULT_NEW_TOKENS
     workload_seed: int = 0
@@ -518,6 +519,8 @@ class ServePlan:
         """The run's own settings, for the header."""
         req = self.requests or ("2 x clients, >= 8" if self.quick else "4 x clients, >= 32")
         return {"threads": self.threads, "max batch (slots)": self.max_batch,
+                "prefill chunk": "adaptive" if self.prefill_chunk is None else
+                                 "never split" if self.prefill_chunk == 0 else f"{self.prefill_chunk} tokens",
                 "requests per point": f"{req} (open loop: {self.n_requests(None)})",
                 "time limit per point": f"{self.time_limit_s:g} s",
                 "validation": f"{self.validate_requests} requests x <= {self.validate_new_tokens} tokens per mode, "
@@ -613,7 +616,8 @@ def run_serve_bench(specs: list, plan: ServePlan, out_dir: Path, *, work_root: P
         t0 = time.perf_counter()
         model = prepare_model(spec, work_root)
         path = model.artifact("fp32")
-        gen = Generator.from_pretrained(path, threads=plan.threads, max_batch=plan.max_batch)
+        gen = Generator.from_pretrained(path, threads=plan.threads, max_batch=plan.max_batch,
+                                        prefill_chunk=plan.prefill_chunk)
         log(f"{spec.name}: ready in {time.perf_counter() - t0:.0f} s ({path})"
             + ("; the server under --http must serve this model directory" if "http" in plan.modes else ""))
         try:
