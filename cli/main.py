@@ -228,6 +228,9 @@ def _serve_on_ray(model, **options) -> int:
               help="When MODEL is a size name: random weights (no download).")
 @click.option("--drain-timeout", type=float, default=30.0, show_default=True,
               help="On SIGTERM: seconds running requests get to finish before they are aborted.")
+@click.option("--draft", type=click.Path(path_type=Path), default=None,
+              help="Speculative decoding with this draft model directory (same tokenizer, e.g. MODEL's own int8 export) "
+                   "whenever one request decodes alone.")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Run on Ray Serve: replicas of this server, each with its own engine (docs/scaling.md; the [ray] extra).")
 @click.option("--replicas", type=click.IntRange(min=1), default=None, help="With --ray: a fixed number of replicas [default: 1].")
@@ -240,10 +243,12 @@ def _serve_on_ray(model, **options) -> int:
                    "unless --threads [default: 1].")
 @friendly_errors
 def serve(model, host, port, max_batch, max_queue, api_key, cors_origins, served_model_name, threads, precision, init,
-          drain_timeout, use_ray, replicas, autoscale, ray_address, num_cpus):
+          drain_timeout, draft, use_ray, replicas, autoscale, ray_address, num_cpus):
     """Serve MODEL (a model directory or a name) over HTTP with OpenAI's completions API (docs/serving.md);
     with --ray, as replicas on a Ray cluster (docs/scaling.md)."""
     ray_only = {"--replicas": replicas, "--autoscale": autoscale, "--ray-address": ray_address, "--num-cpus": num_cpus}
+    if use_ray and draft is not None:
+        raise click.UsageError("--draft is not supported with --ray yet: serve the draft pair without --ray")
     if use_ray:
         raise SystemExit(_serve_on_ray(model, host=host, port=port, max_batch=max_batch, max_queue=max_queue,
                                        api_key=api_key, cors_origins=tuple(cors_origins),
@@ -259,7 +264,8 @@ def serve(model, host, port, max_batch, max_queue, api_key, cors_origins, served
         raise click.ClickException(f"gpt2-engine serve needs the [serve] extra ({e}): pip install -e '.[serve]'") from None
     raise SystemExit(run_server(model, host=host, port=port, max_batch=max_batch, max_queue=max_queue, api_key=api_key,
                                 cors_origins=tuple(cors_origins), served_model_name=served_model_name, threads=threads,
-                                precision=precision, init=init, drain_timeout_s=drain_timeout))
+                                precision=precision, init=init, drain_timeout_s=drain_timeout,
+                                draft=None if draft is None else str(draft)))
 
 
 if __name__ == "__main__":

@@ -148,3 +148,28 @@ def test_serve_on_a_busy_port_is_one_line_and_exit_1(tiny_model):
             assert f"cannot listen on 127.0.0.1:{port}" in srv.log and "Traceback" not in srv.log
         finally:
             srv.kill()
+
+
+def test_serve_with_a_draft_model_gives_the_targets_greedy_output(tiny_model):
+    """`serve MODEL --draft DRAFT`: speculative decoding behind the API; greedy text is the model's own."""
+    from engine import Generator, SamplingParams
+    with Generator.from_pretrained(tiny_model.art, threads=1) as gen:
+        expected = gen.generate("The meaning of life is", SamplingParams.greedy(24, logit_bias={EOS: -100})).text
+    p = ServeProcess(str(tiny_model.art), "--port", "0", "--threads", "1", "--draft", str(tiny_model.art))
+    try:
+        url = p.wait_url(60)
+        wait_until(lambda: _status(url, "/health") == 200, 60, "ready")
+        body = {"prompt": "The meaning of life is", "max_tokens": 24, "temperature": 0,
+                "logit_bias": {str(EOS): -100}}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == expected
+    finally:
+        p.proc.send_signal(signal.SIGTERM)
+        try:
+            p.proc.wait(30)
+        finally:
+            p.kill()
+    bad = subprocess.run([sys.executable, "-m", "cli", "serve", str(tiny_model.art), "--draft", str(tiny_model.art),
+                          "--ray"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--draft is not supported with --ray" in bad.stderr
