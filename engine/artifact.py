@@ -14,9 +14,11 @@ from engine.config import GPT2Config
 from engine.errors import ArtifactError
 
 FORMAT_VERSION = 1
-# Bumped whenever the exporter's default graph changes (2: GroupQueryAttention + Gemm for the CPU).
-# Old directories still load; exports the engine caches for itself are redone when it differs.
-GRAPH_VERSION = 2
+# Bumped whenever the exporter's default graph changes (2: GroupQueryAttention + Gemm for the CPU; 3:
+# every size's weights in model.onnx.data at page-aligned offsets, memory-mapped by ONNX Runtime, and
+# fp32's tied LM head as its own initializer over wte's bytes). Old directories still load; exports
+# the engine caches for itself are redone when it differs.
+GRAPH_VERSION = 3
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -138,7 +140,8 @@ def load_artifact(path: str | Path) -> Artifact:
     if missing:
         raise ArtifactError(f"{mpath} lacks {', '.join(missing)}: re-run `gpt2-engine export`")
     art = Artifact(p, manifest)
-    for f in (art.model_path, art.tokenizer_path):
+    external = manifest.get("external_data_file")  # the weights (graph version >= 3: every size)
+    for f in (art.model_path, art.tokenizer_path, *([p / external] if external else [])):
         if not f.is_file():
             raise ArtifactError(f"{p} is incomplete: {f.name} is missing; re-run `gpt2-engine export`")
     return art

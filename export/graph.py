@@ -37,30 +37,69 @@ from engine.config import GPT2Config
 FLOAT, FLOAT16, INT32, INT64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT32, TensorProto.INT64
 # Large negative additive mask: finite so a fully masked row (never produced here) cannot yield NaN.
 MASK_VALUE = -1e30
+# The tied LM head's own initializer over wte's bytes (fp32 with external data): a scoped name, since
+# it is no checkpoint tensor.
+HEAD_ALIAS = "/lm_head/wte.weight"
 
 
 class ExternalData:
-    """Streams weights into one external-data file as the graph is built, so a model over protobuf's
-    2 GB limit (gpt2-large, gpt2-xl in fp32) never exists twice in memory."""
+    """Streams weights into one external-data file (model.onnx.data) as the graph is built: a model of
+    any size never exists twice in memory while exporting, and ONNX Runtime memory-maps the file when
+    it loads, so the weights are file-backed pages (shared with the page cache, no heap copy) and a
+    weight that a kernel pre-packs is unmapped again once packed."""
 
-    ALIGN = 4096  # page-aligned offsets let ONNX Runtime memory-map the weights
+    ALIGN = 4096  # page-aligned offsets let ONNX Runtime memory-map each weight
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._file = open(self.path, "wb")
 
     def tensor(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        return self.raw(name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape,
+                        np.ascontiguousarray(array).tobytes())
+
+    def raw(self, name: str, data_type: int, dims, data: bytes) -> onnx.TensorProto:
         offset = -self._file.tell() % self.ALIGN + self._file.tell()
         self._file.seek(offset)
-        self._file.write(array.tobytes())
-        t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        self._file.write(data)
+        t = onnx.TensorProto(name=name, data_type=data_type, dims=list(dims))
         t.data_location = onnx.TensorProto.EXTERNAL
-        for k, v in (("location", self.path.name), ("offset", str(offset)), ("length", str(array.nbytes))):
+        for k, v in (("location", self.path.name), ("offset", str(offset)), ("length", str(len(data)))):
             t.external_data.add(key=k, value=v)
+        return t
+
+    @staticmethod
+    def alias(name: str, tensor: onnx.TensorProto) -> onnx.TensorProto:
+        """A second initializer over the same bytes of the file: no second copy on disk. ONNX Runtime
+        maps each initializer on its own, so a kernel that pre-packs one (the LM head's Gemm) releases
+        its mapping, while another (the embedding's Gather) keeps only the pages it reads."""
+        t = onnx.TensorProto()
+        t.CopyFrom(tensor)
+        t.name = name
         return t
 
     def close(self) -> None:
         self._file.close()
+
+
+def externalize(model: onnx.ModelProto, path: str | Path, min_bytes: int = 1024) -> None:
+    """Move every initializer of at least `min_bytes` held in `model` into the external-data file
+    `path`, page-aligned (what build_decoder_graph streams for fp32/fp16; int8 is quantized in memory
+    first, then moved out with this)."""
+    ext = ExternalData(path)
+    try:
+        for i, t in enumerate(model.graph.initializer):
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                continue
+            if not t.HasField("raw_data"):
+                if numpy_helper.to_array(t).nbytes < min_bytes:
+                    continue
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t), t.name))
+            if len(t.raw_data) < min_bytes:
+                continue
+            model.graph.initializer[i].CopyFrom(ext.raw(t.name, t.data_type, t.dims, t.raw_data))
+    finally:
+        ext.close()
 
 
 class _Graph:
@@ -326,6 +365,14 @@ def _build(cfg: GPT2Config, weights: dict[str, np.ndarray], precision: str, atte
         logits = g.op("MatMul", [flat, head])                                       # (B*K, V)
     else:
         head = head_key if head_key == "wte.weight" else g.weight(head_key, weights[head_key], g.compute)
+        wte_tensor = next(t for t in g.initializers if t.name == wte)
+        if precision == "fp32" and head == wte and wte_tensor.data_location == onnx.TensorProto.EXTERNAL:
+            # The tied head reads wte through an initializer of its own over the same bytes of
+            # model.onnx.data: ONNX Runtime pre-packs the head's Gemm weight and unmaps its source,
+            # while the embedding Gather's mapping keeps only the rows it reads. With one shared
+            # initializer all of wte stays resident beside its packed copy (gpt2: +147 MB, 0.3x the weights).
+            g.initializers.append(ExternalData.alias(HEAD_ALIAS, wte_tensor))
+            head = HEAD_ALIAS
         logits = g.op("Gemm", [flat, head], transB=1)                               # (B*K, V)
     out_shape = g.op("Concat", [g.op("Shape", [io.LOGITS_INDICES]), g.const("vocab", np.array([cfg.vocab_size], np.int64))], axis=0)
     logits = g.op("Reshape", [logits, out_shape])                                   # (B, K, V)

@@ -155,7 +155,8 @@ def test_export_then_inspect_then_force(tmp_path, tiny_checkpoint):
     proc = run_cli("export", tiny_checkpoint, "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "tokenizer.json"]
+    # The graph in model.onnx, every weight in model.onnx.data (memory-mapped by ONNX Runtime).
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "model.onnx.data", "tokenizer.json"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["source"]["kind"] == "checkpoint"
     assert manifest["config"] == TINY.to_dict()

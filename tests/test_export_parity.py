@@ -333,7 +333,8 @@ def test_graph_form_and_manifest_io(zoo, case, precision):
     assert manifest["source"]["kind"] == "checkpoint"
     if case.size == "tiny":  # hashing the big ones costs seconds and proves nothing more
         assert manifest["source"]["sha256"] == sha256_file(zoo.checkpoint(case) / "model.safetensors")
-        assert manifest["onnx_sha256"] == {io.MODEL_FILE: sha256_file(path)}
+        assert manifest["onnx_sha256"] == {io.MODEL_FILE: sha256_file(path),
+                                           manifest["external_data_file"]: sha256_file(art / manifest["external_data_file"])}
 
 
 # ---- the in-place cache write ----------------------------------------------------------------------------
