@@ -4,7 +4,11 @@ For every model the run prepares one set of weights (benchmarks/models.py), comp
 once (HF `generate`, greedy), then for each runner (engine backend or peer, benchmarks/runners.py),
 in phases:
 
-  load        artifact / checkpoint on disk -> ready to generate (timed: load_s)
+  load        artifact / checkpoint on disk -> ready to generate (timed: load_s), beside its yardsticks:
+              the runner's weight files' bytes and the time to read them from the page cache (read
+              just before the load, which so also reads a warm cache), and the RSS the load and the
+              validation run added (memory.py; the ratios RSS / weight bytes and load / read are
+              tables.add_ratios')
   validate    the gates of benchmarks/gates.py; a runner that fails is recorded as "failed
               validation: ..." and never timed (parity before speed: docs/ARCHITECTURE.md, "Conventions")
   per config  (batch, prompt length, new tokens): `warmup` untimed runs, then `repeats` timed runs,
@@ -35,11 +39,20 @@ import numpy as np
 from benchmarks import conditions as cond
 from benchmarks import floor as fl
 from benchmarks import gates
-from benchmarks.memory import PeakRss, gpu_memory_mb, release_memory
+from benchmarks.memory import PeakRss, gpu_memory_mb, page_cache_read_s, release_memory, weight_bytes, weight_files
 from benchmarks.models import ModelSpec, PreparedModel, prepare_model, prompt_ids, shipped_tokenizer
 from benchmarks.peers import Runner, RunTiming, hf_logits, hf_reference
 from benchmarks.records import BenchRecord, Skipped, short_error
-from benchmarks.runners import DEFAULT_PEERS, ENGINE_BACKENDS, PEERS, RunnerSpec, engine_spec, peer_spec
+from benchmarks.runners import (
+    DEFAULT_PEERS,
+    DRAFT_PRECISION,
+    ENGINE_BACKENDS,
+    ENGINE_PRECISION,
+    PEERS,
+    RunnerSpec,
+    engine_spec,
+    peer_spec,
+)
 from benchmarks.stats import percentiles, rates
 from benchmarks.tables import BenchResult, add_ratios, write_outputs
 from engine.config import GPT2Config
@@ -131,6 +144,7 @@ def measure_runner(spec: RunnerSpec, model: PreparedModel, plan: Plan, reference
     try:
         if spec.prepare is not None:
             spec.prepare()                   # untimed: availability, export, conversion
+        weights = _weight_yardsticks(spec, model)  # untimed; also leaves the files in the page cache
         phase = "load"
         release_memory()
         baseline = rss.rss_mb()
@@ -145,7 +159,7 @@ def measure_runner(spec: RunnerSpec, model: PreparedModel, plan: Plan, reference
         return untimed(f"failed: {phase}: {short_error(e)}")
     load_s = time.perf_counter() - t0
     load_peak = rss.peak_mb()
-    common_extra.update(rss_baseline_mb=round(baseline, 1), load_peak_rss_mb=round(load_peak, 1))
+    common_extra.update(rss_baseline_mb=round(baseline, 1), load_peak_rss_mb=round(load_peak, 1), **weights)
     common_extra["setup_s"] = dict(model.setup_s)  # the export / conversion prepare may have added
     try:
         # --- validate: parity before speed ----------------------------------------------------
@@ -154,6 +168,8 @@ def measure_runner(spec: RunnerSpec, model: PreparedModel, plan: Plan, reference
         except Exception as e:  # noqa: BLE001
             log(f"{spec.backend} {spec.precision}: failed during validation: {short_error(e)}")
             return untimed(f"failed: validation run: {short_error(e)}", {"load_s": load_s})
+        # What the loaded runner holds once it has generated: weights, kernels' packed copies, arena.
+        common_extra["rss_after_load_mb"] = round(rss.rss_mb(), 1)
         agree = gates.matched_prefix(reference, got)
         if spec.lossy:
             reason, verdict, acc = gates.validate_lossy_runner(runner, cfg, validation_prompt, got, accuracy_ref)
@@ -216,6 +232,31 @@ def measure_runner(spec: RunnerSpec, model: PreparedModel, plan: Plan, reference
         runner.close()
         del runner
         release_memory()
+
+
+def _weight_dirs(spec: RunnerSpec, model: PreparedModel) -> list:
+    """The directories whose weight files ``spec``'s runner loads (after its prepare)."""
+    if spec.peer is None:
+        backend = spec.backend.removeprefix("engine-")
+        dirs = [model.artifact(ENGINE_PRECISION.get(backend, spec.precision))]
+        if backend in DRAFT_PRECISION:
+            dirs.append(model.artifact(DRAFT_PRECISION[backend]))
+        return dirs
+    if spec.peer == "hf":
+        return [model.checkpoint_dir]
+    return [model.ct2_dir("int8" if spec.peer == "ct2-int8" else None)]
+
+
+def _weight_yardsticks(spec: RunnerSpec, model: PreparedModel) -> dict:
+    """weight_bytes (the runner's weight files) and weight_read_s (reading them from the page cache,
+    memory.page_cache_read_s); {} when they cannot be found (a figure, never a reason to fail)."""
+    try:
+        files = [f for d in _weight_dirs(spec, model) for f in weight_files(d)]
+        if not files:
+            return {}
+        return {"weight_bytes": weight_bytes(files), "weight_read_s": round(page_cache_read_s(files), 4)}
+    except Exception:  # noqa: BLE001
+        return {}
 
 
 def _time_config(rec: BenchRecord, runner: Runner, prompts: np.ndarray, n: int, plan: Plan, rss: PeakRss) -> None:
@@ -390,7 +431,9 @@ def run_bench(models: Sequence[ModelSpec], plan: Plan, out_dir: Path, *, work_ro
         "validation": f"greedy {gates.VALIDATION_NEW_TOKENS} tokens vs HF generate (exact); lossy precisions: "
                       f"teacher-forced argmax agreement with HF fp32 >= {gates.LOSSY_MIN_AGREEMENT:.0%} and greedy "
                       f"tokens within {gates.LOSSY_TIE_X_STD} x logit std of their own teacher-forced best",
-        "memory": "peak RSS is process-wide (see extra.rss_baseline_mb per record)",
+        "memory": "peak RSS is process-wide (see extra.rss_baseline_mb per record); RSS / weights = "
+                  "(RSS after load + validation - RSS before load) / weight file bytes; load / read = load_s / "
+                  "reading the weight files from the page cache, in the same run",
         "load avg 1m at end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         **({"warning": busy} if busy else {}),
         "wall": f"{wall:.0f} s",

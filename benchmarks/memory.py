@@ -1,13 +1,22 @@
-"""Memory figures of a bench run: this process's peak RSS per phase, its GPU memory, and handing
-freed memory back between runners so the next one's baseline is its own."""
+"""Memory figures of a bench run: this process's peak RSS per phase, its GPU memory, handing freed
+memory back between runners so the next one's baseline is its own, and the yardsticks of a load: the
+bytes of a runner's weight files and the time to read them from the page cache."""
 
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
 
 import psutil
+
+READ_CHUNK = 1 << 20  # what `cat` does: read() into one reused buffer
+READ_REPEATS = 3
 
 
 class PeakRss:
@@ -91,3 +100,40 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim with
         pass
+
+
+def weight_files(directory: str | Path) -> list[Path]:
+    """The files that hold a runner's weights: an engine model directory's graph and external data
+    (its manifest's model_file and external_data_file), else a checkpoint's or a converted model's
+    weight files (*.safetensors, *.bin)."""
+    d = Path(directory)
+    manifest = d / "manifest.json"
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        return [d / f for f in (m.get("model_file"), m.get("external_data_file")) if f and (d / f).is_file()]
+    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin"))
+
+
+def weight_bytes(files: Sequence[Path]) -> int:
+    return sum(Path(f).stat().st_size for f in files)
+
+
+def page_cache_read_s(files: Sequence[Path], repeats: int = READ_REPEATS) -> float:
+    """Seconds to read ``files`` from the page cache (the yardstick of a load): one untimed read
+    first (brings them into the cache), then the median of ``repeats`` timed reads of them all, each
+    as `cat FILE > /dev/null` reads (1 MiB read() calls into one buffer)."""
+    buf = bytearray(READ_CHUNK)
+    view = memoryview(buf)
+
+    def read_all() -> None:
+        for f in files:
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(view):
+                    pass
+    read_all()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        read_all()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -30,9 +30,15 @@ Fields (None = not measured / not applicable):
   gpu_mem_mb        peak GPU memory, MB
   per_position      [[position, median step seconds], ...]: decode latency vs context length
   floor             floor.floor_record(...): bandwidth_GBps, gflops, decode_floor_s, prefill_floor_s, ...
-  ratios            derived comparisons, e.g. {"x_floor": 1.4, "decode_vs_hf": 0.6}
+  ratios            derived comparisons, e.g. {"x_floor": 1.4, "decode_vs_hf": 0.6}; per record also
+                    rss_x_weights ((extra.rss_after_load_mb - extra.rss_baseline_mb) / extra.weight_bytes)
+                    and load_x_read (load_s / extra.weight_read_s): tables.memory_load_ratios
   conditions        conditions.collect_conditions() of the run, so one line is self-describing
-  extra             anything else the runner wants to keep; unknown keys read from a file land here
+  extra             anything else the runner wants to keep; unknown keys read from a file land here.
+                    The harness keeps there, per runner: rss_baseline_mb (RSS just before the load),
+                    load_peak_rss_mb, rss_after_load_mb (after the load and the validation run),
+                    weight_bytes (the runner's weight files: memory.weight_files) and weight_read_s
+                    (reading them from the page cache in the same run: memory.page_cache_read_s)
 
 TTFT, the one definition every runner of the bench measures (the engine's, runners.EngineRunner,
 and the peers', peers.HFRunner and peers.CT2Runner) and engine.generator.Timings.ttft_s reports:

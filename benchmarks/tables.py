@@ -30,6 +30,7 @@ def add_ratios(records: list[BenchRecord]) -> None:
     for r in records:
         if not r.ok:
             continue
+        r.ratios.update(memory_load_ratios(r))
         if r.floor and r.decode_per_token:
             r.ratios["x_floor"] = ratio(r.decode_per_token["p50"], r.floor["decode_floor_s"])
         if r.floor and r.ttft:
@@ -51,6 +52,44 @@ def add_ratios(records: list[BenchRecord]) -> None:
                 r.ratios[f"decode_vs_{name}"] = ratio(r.decode_per_token["p50"], p.decode_per_token["p50"])
             if r.ttft and p.ttft:
                 r.ratios[f"ttft_vs_{name}"] = ratio(r.ttft["p50"], p.ttft["p50"])
+
+
+def memory_load_ratios(r: BenchRecord) -> dict:
+    """rss_x_weights: the RSS the load and the validation run added (extra.rss_after_load_mb -
+    extra.rss_baseline_mb) over the runner's weight file bytes; load_x_read: load_s over reading those
+    files from the page cache in the same run (extra.weight_read_s). Missing figures: no entry."""
+    e, out = r.extra or {}, {}
+    after, base, nbytes = e.get("rss_after_load_mb"), e.get("rss_baseline_mb"), e.get("weight_bytes")
+    if after is not None and base is not None and nbytes:
+        out["rss_x_weights"] = round((after - base) * 1e6 / nbytes, 3)
+    x = ratio(r.load_s, e.get("weight_read_s"))
+    if x is not None:
+        out["load_x_read"] = round(x, 2)
+    return out
+
+
+def memory_load_table(records: list[BenchRecord]) -> str | None:
+    """One row per runner and model (a load serves all its configurations): weight bytes, the RSS the
+    load added and its ratio to them, load time against reading the weight files from the page cache."""
+    seen: dict[tuple, BenchRecord] = {}
+    for r in records:
+        if r.ok and ("rss_x_weights" in r.ratios or "load_x_read" in r.ratios):
+            seen.setdefault((r.backend, r.model, r.precision), r)
+    if not seen:
+        return None
+    lines = ["| backend | model | precision | weight files MB | RSS added MB | RSS / weights | load s "
+             "| page-cache read s | load / read |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def num(v, f):
+        return "-" if v is None else format(v, f)
+    for (backend, model, precision), r in seen.items():
+        e = r.extra
+        added = (e["rss_after_load_mb"] - e["rss_baseline_mb"]) if "rss_after_load_mb" in e and "rss_baseline_mb" in e else None
+        nbytes = e.get("weight_bytes")
+        lines.append(f"| {backend} | {model} | {precision} | {num(nbytes / 1e6 if nbytes else None, '.0f')} "
+                     f"| {num(added, '.0f')} | {num(r.ratios.get('rss_x_weights'), '.2f')}x | {num(r.load_s, '.2f')} "
+                     f"| {num(e.get('weight_read_s'), '.3f')} | {num(r.ratios.get('load_x_read'), '.1f')}x |")
+    return "\n".join(lines)
 
 
 def ratios_table(records: list[BenchRecord]) -> str:
@@ -140,6 +179,10 @@ def write_outputs(records: list[BenchRecord], out_dir: Path, header: str) -> Ben
         md += ["", "## Batch scaling (tokens/s p50 over batch 1's) vs ONNX Runtime's kernels alone "
                "(`gpt2-engine bench-kernels`: the end-to-end scaling of a graph made only of its linear "
                "and attention kernels, best of interleaved rounds)", "", stable]
+    mtable = memory_load_table(records)
+    if mtable:
+        md += ["", "## Memory and load (RSS added by load + validation run over the weight file bytes; "
+               "load over reading those files from the page cache, same run)", "", mtable]
     atable = accuracy_table(records)
     if atable:
         md += ["", f"## Lossy runners' accuracy (vs HF fp32 logits, teacher-forced on {ACCURACY_TOKENS} fixed "
