@@ -114,6 +114,12 @@ def weight_files(directory: str | Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin"))
 
 
+def derived_files(directory: str | Path) -> list[Path]:
+    """What a load may read instead of the weight files: ONNX Runtime's pre-packed model (prepacked/)."""
+    d = Path(directory) / "prepacked"
+    return sorted(p for p in d.iterdir() if p.is_file()) if d.is_dir() else []
+
+
 def weight_bytes(files: Sequence[Path]) -> int:
     return sum(Path(f).stat().st_size for f in files)
 
@@ -121,19 +127,20 @@ def weight_bytes(files: Sequence[Path]) -> int:
 def page_cache_read_s(files: Sequence[Path], repeats: int = READ_REPEATS) -> float:
     """Seconds to read ``files`` from the page cache (the yardstick of a load): one untimed read
     first (brings them into the cache), then the median of ``repeats`` timed reads of them all, each
-    as `cat FILE > /dev/null` reads (1 MiB read() calls into one buffer)."""
-    buf = bytearray(READ_CHUNK)
-    view = memoryview(buf)
-
-    def read_all() -> None:
-        for f in files:
-            with open(f, "rb", buffering=0) as fh:
-                while fh.readinto(view):
-                    pass
-    read_all()
+    as `cat FILE > /dev/null` reads (read_files)."""
+    read_files(files)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        read_all()
+        read_files(files)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def read_files(files: Sequence[Path]) -> None:
+    """Read ``files`` once (into the page cache), 1 MiB read() calls into one buffer."""
+    view = memoryview(bytearray(READ_CHUNK))
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(view):
+                pass

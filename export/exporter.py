@@ -21,7 +21,7 @@ from engine import artifact as io
 from engine.errors import CheckpointError, EngineError
 from export.checkpoint import Checkpoint, random_checkpoint, resolve_checkpoint, sha256_file
 from export.graph import build_decoder_graph, externalize, resolve_attention
-from export.quantize import quantize_weights_int8
+from export.quantize import quantization_info, quantize_weights_int8
 from export.tokenizer import tokenizer_for_checkpoint
 
 # Every size keeps its weights in model.onnx.data beside a small model.onnx (the graph), each weight at
@@ -70,8 +70,13 @@ def _save_onnx(model: onnx.ModelProto, tmp: Path) -> None:
 
 def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str | None = None, seed: int = 0,
                  init_range: float = 0.02, force: bool = False, show_progress: bool = True,
-                 attention: str | None = None) -> Path:
-    """Export `spec` (directory or model name; with init='random' a size name) into the directory `out`."""
+                 attention: str | None = None, prepack: bool = False) -> Path:
+    """Export `spec` (directory or model name; with init='random' a size name) into the directory `out`.
+
+    prepack: for the CPU precisions (fp32, int8) also save ONNX Runtime's pre-packed model for this
+    ORT and CPU under prepacked/ (engine.backends.ort.write_prepacked): loads map its packed weights
+    from the file, so replicas on one machine share them through the page cache, and load 10-30%
+    faster; it costs 1.4x (int8) to 2.3x (fp32) the weight file in disk, hence opt-in."""
     if precision not in io.PRECISIONS:
         raise EngineError(f"--precision must be one of {', '.join(io.PRECISIONS)}, got {precision!r}")
     if init not in (None, "random"):
@@ -114,6 +119,7 @@ def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str 
                 "gpt2_engine_version": _version(),
                 "config": cfg.to_dict(),
                 "precision": precision,
+                "quantization": quantization_info() if precision == "int8" else None,
                 "opset": io.OPSET,
                 "graph_version": io.GRAPH_VERSION,
                 "attention": attention,
@@ -129,6 +135,9 @@ def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str 
             }
             (tmp / io.MANIFEST).write_text(json.dumps(manifest, indent=2))
             bar.update(1)
+            if prepack and precision != "fp16":  # fp16 is for TensorRT / GPUs
+                bar.set_postfix_str("ONNX Runtime's pre-packed model")
+                _write_prepacked(tmp)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -136,6 +145,16 @@ def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str 
             shutil.rmtree(created_parent, ignore_errors=True)
         raise
     return out
+
+
+def _write_prepacked(directory: Path) -> None:
+    """The pre-packed model is a load-time cache: an export without it is complete (it loads model.onnx)."""
+    from engine.backends.ort import write_prepacked
+    try:
+        write_prepacked(io.load_artifact(directory))
+    except Exception as e:  # noqa: BLE001
+        print(f"note: ONNX Runtime's pre-packed model was not saved ({type(e).__name__}: "
+              f"{str(e).splitlines()[0][:200] if str(e) else ''}); loads will pack the weights", file=sys.stderr)
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

@@ -20,7 +20,7 @@ import pytest
 from engine import Generator, SamplingParams
 from engine import artifact as io
 from engine.artifact import load_artifact
-from engine.backends.ort import OrtBackend, lazy_zeros
+from engine.backends.ort import PREPACKED_DIR, OrtBackend, find_prepacked, lazy_zeros
 from engine.errors import ArtifactError
 from export.checkpoint import resolve_checkpoint, sha256_file
 from export.exporter import EXTERNAL_DATA_FILE, export_model
@@ -31,8 +31,8 @@ from tests.runtime_fixtures import REPO
 IDS = np.array([[464, 3616, 286, 1204, 318, 11, 290]], np.int64)  # (1, T)
 
 
-def _logits(path, ids=IDS) -> np.ndarray:
-    be = OrtBackend(load_artifact(path), threads=1)
+def _logits(path, ids=IDS, **options) -> np.ndarray:
+    be = OrtBackend(load_artifact(path), threads=1, **options)
     try:
         cache = be.new_cache(1, 32)
         T = ids.shape[1]
@@ -48,7 +48,8 @@ def _external(t: onnx.TensorProto) -> dict:
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory, tiny_checkpoint):
     d = tmp_path_factory.mktemp("memory")
-    return {p: export_model(str(tiny_checkpoint), d / p, precision=p, show_progress=False) for p in ("fp32", "int8")}
+    return {p: export_model(str(tiny_checkpoint), d / p, precision=p, show_progress=False, prepack=True)
+            for p in ("fp32", "int8")}
 
 
 @pytest.fixture(scope="module")
@@ -132,10 +133,89 @@ def test_missing_or_truncated_external_data_says_what_to_re_run(tmp_path, export
     with open(data, "r+b") as f:
         f.truncate(data.stat().st_size // 2)
     with pytest.raises(ArtifactError, match="re-run `gpt2-engine export`"):
-        Generator.from_pretrained(d, threads=1)
+        Generator.from_pretrained(d, threads=1, prepacked=False)  # (the pre-packed model holds its own copy)
     data.unlink()
     with pytest.raises(ArtifactError, match=f"incomplete: {EXTERNAL_DATA_FILE} is missing; re-run `gpt2-engine export`"):
         load_artifact(d)
+
+
+# ---- ONNX Runtime's pre-packed model --------------------------------------------------------------
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_prepacked_model_is_saved_with_the_export_and_used(exports, precision):
+    art = load_artifact(exports[precision])
+    packed = find_prepacked(art)
+    assert packed is not None and packed.parent == art.path / PREPACKED_DIR
+    meta = json.loads(packed.with_suffix(".json").read_text())
+    assert meta["key"]["onnx_sha256"] == art.manifest["onnx_sha256"] and meta["key"]["precision"] == precision
+    be = OrtBackend(art, threads=1)
+    try:
+        assert be.model_file == packed
+    finally:
+        be.close()
+    plain = OrtBackend(art, threads=1, prepacked=False)
+    try:
+        assert plain.model_file == art.model_path
+    finally:
+        plain.close()
+    # The same graph and the same packed weights: the same logits.
+    assert np.abs(_logits(art.path) - _logits(art.path, prepacked=False)).max() <= 1e-6
+
+
+def test_prepacked_model_for_another_runtime_cpu_or_export_is_ignored(tmp_path, exports):
+    d = tmp_path / "stale"
+    shutil.copytree(exports["fp32"], d)
+    packed = find_prepacked(load_artifact(d))
+    meta_path = packed.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    for field, value in (("onnxruntime", "0.0.1"), ("cpu", {"machine": "riscv64", "flags": []}),
+                         ("onnx_sha256", {io.MODEL_FILE: "0" * 64})):
+        stale = dict(meta, key=dict(meta["key"], **{field: value}))
+        meta_path.write_text(json.dumps(stale))
+        assert find_prepacked(load_artifact(d)) is None, field
+        be = OrtBackend(load_artifact(d), threads=1)
+        try:
+            assert be.model_file == d / io.MODEL_FILE
+        finally:
+            be.close()
+    meta_path.write_text(json.dumps(meta))
+    assert find_prepacked(load_artifact(d)) == packed
+
+
+def test_a_corrupt_prepacked_model_falls_back_to_model_onnx(tmp_path, exports):
+    d = tmp_path / "corrupt"
+    shutil.copytree(exports["fp32"], d)
+    packed = find_prepacked(load_artifact(d))
+    data = packed.with_name(packed.name + ".data")
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 3)
+    with pytest.warns(RuntimeWarning, match="loaded model.onnx instead"):
+        be = OrtBackend(load_artifact(d), threads=1)
+    try:
+        assert be.model_file == d / io.MODEL_FILE
+    finally:
+        be.close()
+    with pytest.warns(RuntimeWarning):
+        assert np.abs(_logits(d) - _logits(exports["fp32"], prepacked=False)).max() <= 1e-6
+    packed.with_suffix(".json").unlink()                # no json (a crashed write): not even tried
+    assert find_prepacked(load_artifact(d)) is None
+
+
+def test_a_replaced_or_damaged_model_onnx_is_not_hidden_by_the_prepacked_model(tmp_path, exports):
+    d = tmp_path / "replaced"
+    shutil.copytree(exports["fp32"], d)
+    with open(d / io.MODEL_FILE, "r+b") as f:
+        f.truncate(1000)
+    assert find_prepacked(load_artifact(d)) is None    # its sources' sizes changed: stale
+    with pytest.raises(ArtifactError, match="truncated or corrupt"):
+        OrtBackend(load_artifact(d), threads=1)
+
+
+def test_export_without_prepack_and_fp16_have_no_prepacked_model(tmp_path, tiny_checkpoint):
+    plain = export_model(str(tiny_checkpoint), tmp_path / "plain", show_progress=False)  # the default
+    fp16 = export_model(str(tiny_checkpoint), tmp_path / "fp16", precision="fp16", show_progress=False, prepack=True)
+    assert not (plain / PREPACKED_DIR).exists() and not (fp16 / PREPACKED_DIR).exists()
+    assert find_prepacked(load_artifact(plain)) is None
 
 
 # ---- the slot pool's memory ----------------------------------------------------------------------
@@ -235,6 +315,7 @@ def test_records_carry_rss_over_weights_and_load_over_read(tmp_path_factory):
     assert e["weight_bytes"] == sum(f.stat().st_size for f in
                                     (model.artifact("fp32") / n for n in (io.MODEL_FILE, EXTERNAL_DATA_FILE)))
     assert e["weight_read_s"] > 0 and e["rss_after_load_mb"] >= e["rss_baseline_mb"] > 0
+    assert e["loaded_model_file"] == io.MODEL_FILE  # the bench's export has no pre-packed model
     add_ratios(recs)
     assert r.ratios["rss_x_weights"] == pytest.approx(
         (e["rss_after_load_mb"] - e["rss_baseline_mb"]) * 1e6 / e["weight_bytes"], abs=1e-3)
