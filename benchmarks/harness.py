@@ -1,4 +1,6 @@
 """The `gpt2-engine bench` run: the engine, its peers and the physical floor, measured in one run.
+(~470 lines, one job: the order of a bench run, read top to bottom: measure_runner's phases and run_bench's
+steps; every piece it calls lives in gates, memory, models, runners and tables.)
 
 For every model the run prepares one set of weights (benchmarks/models.py), computes the reference
 once (HF `generate`, greedy), then for each runner (engine backend or peer, benchmarks/runners.py),

@@ -1,4 +1,6 @@
 """`gpt2-engine bench-serve`: the engine as a service sees it, many clients at once.
+(~630 lines, one job: the serving workload, its four modes and the two load generators share one
+request/result type and are read together; records, tables and plots are in serve_report.py.)
 
 One fixed, seeded workload (prompts of mixed lengths, mixed new-token counts, greedy) is sent in
 the same order to every mode:

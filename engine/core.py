@@ -1,4 +1,6 @@
 """The in-flight engine: one loop thread serves every request from one pool of KV-cache slots.
+(~490 lines, one job: the loop. Admission, prefill, decode, speculation and freeing share the slot pool's
+invariants (rows [0, n), each request's fill level); split apart, each would have to re-establish them.)
 
     submit() ──> waiting queue (bounded) ──> loop thread, each iteration:
                    1. admit waiting requests into free slots (FIFO), drop aborted / expired ones

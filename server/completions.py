@@ -1,4 +1,6 @@
 """POST /v1/completions: a validated request -> engine submissions -> OpenAI's response or SSE stream.
+(~520 lines, one job: /v1/completions. Its JSON and SSE paths share the request expansion (prompts x n),
+echo and logprobs assembly, and must stay in step, so they live together.)
 
 One request becomes one submission per (prompt, choice): `n > 1` is n submissions of the same prompt
 (choice j gets seed + j when a seed is given, so the choices differ and still reproduce; the choice's

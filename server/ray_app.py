@@ -1,4 +1,6 @@
 """Ray Serve scale-out: the FastAPI app of `gpt2-engine serve` as a Ray Serve deployment, one engine per replica.
+(~450 lines, one job: putting the server on a Ray cluster: the deployment, the bounded deploy and its
+one-line configuration errors.)
 
     gpt2-engine serve artifacts/gpt2 --ray --replicas 2 --num-cpus 1       # a local cluster, 2 replicas
     gpt2-engine serve /shared/gpt2 --ray --autoscale 1:8 --ray-address auto   # join `ray start --head`
