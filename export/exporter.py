@@ -21,7 +21,7 @@ from engine import artifact as io
 from engine.errors import CheckpointError, EngineError
 from export.checkpoint import Checkpoint, random_checkpoint, resolve_checkpoint, sha256_file
 from export.graph import build_decoder_graph, externalize, resolve_attention
-from export.quantize import quantize_weights_int8
+from export.quantize import quantization_info, quantize_weights_int8
 from export.tokenizer import tokenizer_for_checkpoint
 
 # Every size keeps its weights in model.onnx.data beside a small model.onnx (the graph), each weight at
@@ -119,6 +119,7 @@ def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str 
                 "gpt2_engine_version": _version(),
                 "config": cfg.to_dict(),
                 "precision": precision,
+                "quantization": quantization_info() if precision == "int8" else None,
                 "opset": io.OPSET,
                 "graph_version": io.GRAPH_VERSION,
                 "attention": attention,

@@ -1,7 +1,30 @@
 """Weight-only int8 for the CPU: every MatMul weight becomes ONNX Runtime's MatMulNBits (8 bits,
 symmetric, per-block scales), computed with int8 kernels (accuracy_level 4). A decode step then reads
 ~4x fewer weight bytes, which is what bounds it on a CPU (docs/ARCHITECTURE.md, "Known facts": the
-byte floor). Activations, LayerNorm, softmax and the KV cache stay fp32."""
+byte floor). Activations, LayerNorm, softmax and the KV cache stay fp32.
+
+Block size by role (BLOCK_SIZES): one fp32 scale per block of K weights of a column. What a block
+costs at run time (ONNX Runtime 1.32, MLAS, int8 compute): the prepacked weight carries a scale and a
+block sum per block, so a decode step reads 1 + 8/block bytes per weight (1.25 at block 32, 1.06 at
+128), and the kernel's per-block float work shrinks with it; MLAS also quantizes the activations in
+blocks of the same size, so a larger block is also coarser activation quantization. Measured on gpt2
+(AVX-512 VNNI Xeon, 2 threads, batch 1; the numbers are in tests/test_int8.py and the commit message):
+
+  - the MLP (c_fc, c_proj) and the LM head at 128: ~3/4 of the weights. Harness runs at load ~1.3
+    (floor 30-31 GB/s): decode 5.74 ms/token = 1.35x the int8 byte floor, where block 32 everywhere
+    measured 6.29 ms = 1.53x in the run before it; a later run 5.27 ms = 1.24x. Interleaved decode
+    steps, CPU time per step (what a busy machine cannot distort): 0.80-0.93x of block 32's. Cost:
+    ~20% more logit error at init 0.02 (tests/test_int8.py), none in the harness's figures;
+  - attention (c_attn, attn c_proj) stays at 32: its inputs are the most sensitive (block 64 there
+    raised the mean logit error ~8% on chaotic init-0.1 weights) and it is under a quarter of the bytes.
+
+Rejected, measured the same way: block 128 everywhere (about as fast, 0.79-0.85x; the bench's gpt2
+agreement 71.9% and max error 1.12 x std against 75.0% / 0.93 at block 32); block 64 (0.83-0.92x, worse too);
+accuracy_level 1/3 for 8 bits (MLAS has no such 8-bit kernel: ~20x slower); DynamicQuantizeLinear +
+MatMulInteger (fast, but one activation scale per row: argmax agreement 53-62% vs 75% on the bench's
+init-0.1 gpt2); an fp32 LM head (+115 MB per step, 1.9x slower); 4-bit MatMulNBits (0.70x the time,
+but 19% / 56% argmax agreement on init 0.1 / 0.02 weights: below the bench's lossy gate).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +35,31 @@ import onnx
 from engine.errors import EngineError
 
 BITS = 8
-BLOCK_SIZE = 32         # per-32-weights scales: the accuracy/size trade-off llama.cpp's Q8_0 also makes
 ACCURACY_LEVEL = 4      # int8 x int8 compute in MLAS (AVX2 / AVX-512 VNNI / NEON dot kernels)
+MIN_BLOCK = 16          # MatMulNBits' smallest block
+DEFAULT_BLOCK = 32      # a weight MatMul of no known role (none in today's graph)
+# Preferred block per role; a block that does not divide K is halved until it does (no padded blocks:
+# gpt2-xl's K=1600 gets 64, the tests' tiny K=64 gets 64).
+BLOCK_SIZES = {"attn.c_attn": 32, "attn.c_proj": 32, "mlp.c_fc": 128, "mlp.c_proj": 128, "lm_head": 128}
+
+
+def matmul_role(node_name: str) -> str | None:
+    """The BLOCK_SIZES role of a weight MatMul from its node scope (/h.3.attn/c_attn/MatMul, /lm_head/MatMul)."""
+    scope = node_name.replace("/", ".")
+    return next((role for role in BLOCK_SIZES if f".{role}." in scope), None)
+
+
+def block_size_for(role: str | None, k: int) -> int:
+    block = BLOCK_SIZES.get(role, DEFAULT_BLOCK)
+    while block > MIN_BLOCK and k % block:
+        block //= 2
+    return block
+
+
+def quantization_info() -> dict:
+    """What the int8 export did, for the manifest."""
+    return {"op": "com.microsoft.MatMulNBits", "bits": BITS, "symmetric": True, "accuracy_level": ACCURACY_LEVEL,
+            "block_size": dict(BLOCK_SIZES), "block_size_rule": "halved until it divides K"}
 
 
 def quantize_weights_int8(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -22,16 +68,27 @@ def quantize_weights_int8(model: onnx.ModelProto) -> onnx.ModelProto:
     except ImportError as e:
         raise EngineError(f"--precision int8 needs onnxruntime's quantization tools ({e}): "
                           "`pip install onnx_ir` (and onnxruntime >= 1.22)") from None
-    config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
-                                          bits=BITS, op_types_to_quantize=("MatMul",))
-    quantizer = MatMulNBitsQuantizer(model, bits=BITS, block_size=BLOCK_SIZE, is_symmetric=True,
-                                     accuracy_level=ACCURACY_LEVEL, algo_config=config,
-                                     op_types_to_quantize=("MatMul",))
+    weights = {t.name: t for t in model.graph.initializer}
+    groups: dict[int, set[str]] = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in weights:
+            k = weights[node.input[1]].dims[0]
+            groups.setdefault(block_size_for(matmul_role(node.name), k), set()).add(node.name)
     log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = log.level
     log.setLevel(logging.WARNING)  # it logs every node at INFO; the export has its own progress bar
     try:
-        quantizer.process()
+        for block, names in sorted(groups.items()):
+            # One pass per block size. The quantizer takes every MatMul its op types name (nodes_to_include
+            # only adds to those), so the other groups are excluded instead.
+            others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in names]
+            config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
+                                                  bits=BITS, op_types_to_quantize=("MatMul",))
+            quantizer = MatMulNBitsQuantizer(model, bits=BITS, block_size=block, is_symmetric=True,
+                                             accuracy_level=ACCURACY_LEVEL, nodes_to_exclude=others,
+                                             algo_config=config, op_types_to_quantize=("MatMul",))
+            quantizer.process()
+            model = quantizer.model.model
     finally:
         log.setLevel(level)
-    return quantizer.model.model
+    return model
