@@ -57,7 +57,11 @@ def add_ratios(records: list[BenchRecord]) -> None:
 def memory_load_ratios(r: BenchRecord) -> dict:
     """rss_x_weights: the RSS the load and the validation run added (extra.rss_after_load_mb -
     extra.rss_baseline_mb) over the runner's weight file bytes; load_x_read: load_s over reading those
-    files from the page cache in the same run (extra.weight_read_s). Missing figures: no entry."""
+    files from the page cache in the same run (extra.weight_read_s). Missing figures: no entry.
+
+    RSS is process-wide: the first runner of a library in a run also pages in that library's code
+    (ONNX Runtime: ~40-60 MB of its shared object), so on gpt2 (498 MB of fp32 weights) the bench
+    reads ~0.05-0.1x above a process that imported and ran the library before its baseline."""
     e, out = r.extra or {}, {}
     after, base, nbytes = e.get("rss_after_load_mb"), e.get("rss_baseline_mb"), e.get("weight_bytes")
     if after is not None and base is not None and nbytes:
