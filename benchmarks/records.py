@@ -112,15 +112,7 @@ class BenchRecord:
             raise ValueError(
                 f"record schema {self.schema} is newer than this reader ({SCHEMA_VERSION}): update gpt2-engine"
             )
-        for name in _DISTRIBUTIONS:
-            dist = getattr(self, name)
-            if dist is None:
-                continue
-            missing = [k for k in (*PERCENTILE_KEYS, "n") if k not in dist]
-            if missing:
-                raise ValueError(f"{name} must be a percentiles dict (stats.percentiles), missing {missing}")
-            if not self.ok:
-                raise ValueError(f"a record with status {self.status!r} must carry no timings, got {name}")
+        check_distributions(self, _DISTRIBUTIONS)
 
     @property
     def ok(self) -> bool:
@@ -179,3 +171,16 @@ def read_jsonl(path: str | Path) -> list[BenchRecord]:
             except (ValueError, TypeError) as e:
                 raise ValueError(f"{path}:{i}: not a benchmark record: {e}") from e
     return out
+
+
+def check_distributions(record, names) -> None:
+    """Each named field is None or a stats.percentiles dict, and a failed record carries none."""
+    for name in names:
+        dist = getattr(record, name)
+        if dist is None:
+            continue
+        missing = [k for k in (*PERCENTILE_KEYS, "n") if k not in dist]
+        if missing:
+            raise ValueError(f"{name} must be a percentiles dict (stats.percentiles), missing {missing}")
+        if not record.ok:
+            raise ValueError(f"a record with status {record.status!r} must carry no timings, got {name}")

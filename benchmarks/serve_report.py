@@ -13,9 +13,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from benchmarks.records import STATUS_OK
+from benchmarks.records import STATUS_OK, check_distributions
 from benchmarks.report import _num
-from benchmarks.stats import PERCENTILE_KEYS, Percentiles, ratio
+from benchmarks.stats import Percentiles, ratio
 
 SCHEMA_VERSION = 1
 KIND = "serve"
@@ -74,15 +74,7 @@ class ServeRecord:
                              f"concurrency {self.concurrency!r}, rate {self.rate!r}")
         if self.schema > SCHEMA_VERSION:
             raise ValueError(f"record schema {self.schema} is newer than this reader ({SCHEMA_VERSION}): update gpt2-engine")
-        for name in _DISTRIBUTIONS:
-            dist = getattr(self, name)
-            if dist is None:
-                continue
-            missing = [k for k in (*PERCENTILE_KEYS, "n") if k not in dist]
-            if missing:
-                raise ValueError(f"{name} must be a percentiles dict (stats.percentiles), missing {missing}")
-            if not self.ok:
-                raise ValueError(f"a record with status {self.status!r} must carry no timings, got {name}")
+        check_distributions(self, _DISTRIBUTIONS)
 
     @property
     def ok(self) -> bool:

@@ -199,6 +199,13 @@ class EngineCore:
             request.abort_requested = True
             self._cond.notify()
 
+    def abort_all(self) -> None:
+        """Abort every request waiting or running (a server past its drain bound)."""
+        with self._cond:
+            for r in self._active + list(self._waiting):
+                r.abort_requested = True
+            self._cond.notify()
+
     def stats(self) -> EngineStats:
         with self._cond:
             n = len(self._active)

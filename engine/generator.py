@@ -291,10 +291,7 @@ class Generator:
 
     def abort_all(self) -> None:
         """Abort every request in flight (e.g. a server shutting down past its drain bound)."""
-        with self.core._cond:
-            reqs = list(self.core._active) + list(self.core._waiting)
-        for r in reqs:
-            self.core.abort(r)
+        self.core.abort_all()
 
     def stats(self) -> EngineStats:
         """Running and waiting requests, free slots, forward calls so far."""
