@@ -16,9 +16,10 @@ from engine.errors import ArtifactError
 FORMAT_VERSION = 1
 # Bumped whenever the exporter's default graph changes (2: GroupQueryAttention + Gemm for the CPU; 3:
 # every size's weights in model.onnx.data at page-aligned offsets, memory-mapped by ONNX Runtime, and
-# fp32's tied LM head as its own initializer over wte's bytes). Old directories still load; exports
-# the engine caches for itself are redone when it differs.
-GRAPH_VERSION = 3
+# fp32's tied LM head as its own initializer over wte's bytes; 4: int8 block size by role, residual Add +
+# LayerNorm as SkipLayerNormalization in the CPU graphs). Old directories still load; exports the engine
+# caches for itself are redone when it differs.
+GRAPH_VERSION = 4
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"

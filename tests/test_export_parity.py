@@ -297,9 +297,15 @@ def test_graph_form_and_manifest_io(zoo, case, precision):
     assert ("Attention" in ops) == (variant == "fused") and ("Softmax" in ops) == (variant == "ops")
     assert manifest["opset"] == io.OPSET == 24
     if variant == "gqa":
-        # The ORT-only graph: one contrib op (GroupQueryAttention, which also writes the cache).
+        # The ORT-only graph: two contrib ops (GroupQueryAttention, which also writes the cache, and
+        # SkipLayerNormalization: every residual sum with the LayerNorm that reads it; the last block's
+        # MLP sum stays an Add, it goes to the LM head's row gather first).
         assert [(o.domain, o.version) for o in model.opset_import] == [("", io.OPSET), ("com.microsoft", 1)]
-        assert {n.op_type for n in model.graph.node if n.domain == "com.microsoft"} == {"GroupQueryAttention"}
+        assert {n.op_type for n in model.graph.node if n.domain == "com.microsoft"} == {"GroupQueryAttention",
+                                                                                       "SkipLayerNormalization"}
+        n_layer = case.config.n_layer
+        assert sum(n.op_type == "SkipLayerNormalization" for n in model.graph.node) == 2 * n_layer
+        assert sum(n.op_type == "LayerNormalization" for n in model.graph.node) == 1  # ln_f
         assert {n.domain for n in model.graph.node} <= {"", "ai.onnx", "com.microsoft"}
         assert "TensorScatter" not in ops
     else:
