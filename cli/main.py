@@ -31,13 +31,17 @@ def main() -> None:
 @click.option("--attention", type=click.Choice(["gqa", "fused", "ops"]), default=None,
               help="gqa: ONNX Runtime's GroupQueryAttention (default for fp32/int8, CPU); fused: one standard "
                    "ONNX Attention node (for ONNX Runtime CUDA); ops: elementary ops (default for fp16/TensorRT).")
+@click.option("--prepack", is_flag=True,
+              help="fp32/int8: also save ONNX Runtime's pre-packed model for this ORT and CPU (prepacked/): "
+                   "replicas on one machine share its packed weights through the page cache; 1.4x (int8) to "
+                   "2.3x (fp32) more disk.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @friendly_errors
-def export(model, out, precision, init, seed, init_range, attention, force):
+def export(model, out, precision, init, seed, init_range, attention, prepack, force):
     """Export MODEL (a HF checkpoint directory or a name: gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2)."""
     from export.exporter import export_model
     path = export_model(model, out, precision=precision, init=init, seed=seed, init_range=init_range, force=force,
-                        attention=attention)
+                        attention=attention, prepack=prepack)
     click.echo(f"exported {model} ({precision}) to {path}")
     _print_info(path)
 

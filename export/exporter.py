@@ -81,6 +81,8 @@ def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str 
         raise EngineError(f"--precision must be one of {', '.join(io.PRECISIONS)}, got {precision!r}")
     if init not in (None, "random"):
         raise EngineError(f"--init must be 'random' (or omitted for real weights), got {init!r}")
+    if prepack and precision == "fp16":
+        raise EngineError("--prepack is for the ONNX Runtime CPU precisions (fp32, int8); fp16 is for TensorRT / GPUs")
     try:
         attention = resolve_attention(precision, attention)
     except ValueError as e:
@@ -135,7 +137,7 @@ def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str 
             }
             (tmp / io.MANIFEST).write_text(json.dumps(manifest, indent=2))
             bar.update(1)
-            if prepack and precision != "fp16":  # fp16 is for TensorRT / GPUs
+            if prepack:
                 bar.set_postfix_str("ONNX Runtime's pre-packed model")
                 _write_prepacked(tmp)
         _move_into_place(tmp, out)

@@ -148,6 +148,11 @@ def test_gqa_attention_with_fp16_is_refused(tiny_checkpoint, out):
     assert not out.exists()
 
 
+def test_prepack_with_fp16_is_refused(tiny_checkpoint, out):
+    proc = run_cli("export", tiny_checkpoint, "--out", out, "--precision", "fp16", "--prepack")
+    assert_clean_failure(proc, out, "--prepack", "fp32, int8")
+
+
 # ---- good inputs --------------------------------------------------------------------------------------
 
 def test_export_then_inspect_then_force(tmp_path, tiny_checkpoint):
@@ -177,6 +182,17 @@ def test_export_then_inspect_then_force(tmp_path, tiny_checkpoint):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert error_lines(proc.stderr) == [f"Error: model directory {tmp_path / 'nowhere'} does not exist: "
                                         f"create it with `gpt2-engine export MODEL --out {tmp_path / 'nowhere'}`"]
+
+
+def test_export_prepack_saves_the_prepacked_model_that_loads_use(tmp_path, tiny_checkpoint):
+    from engine.artifact import load_artifact
+    from engine.backends.ort import PREPACKED_DIR, OrtBackend, find_prepacked
+    out = tmp_path / "model"
+    proc = run_cli("export", tiny_checkpoint, "--out", out, "--precision", "int8", "--prepack")
+    assert proc.returncode == 0, proc.stderr
+    packed = find_prepacked(load_artifact(out))
+    assert packed is not None and packed.parent == out / PREPACKED_DIR
+    assert OrtBackend(load_artifact(out), threads=1).model_file == packed
 
 
 def test_init_random_is_labelled(tmp_path):

@@ -21,7 +21,7 @@ from engine import Generator, SamplingParams
 from engine import artifact as io
 from engine.artifact import load_artifact
 from engine.backends.ort import PREPACKED_DIR, OrtBackend, find_prepacked, lazy_zeros
-from engine.errors import ArtifactError
+from engine.errors import ArtifactError, EngineError
 from export.checkpoint import resolve_checkpoint, sha256_file
 from export.exporter import EXTERNAL_DATA_FILE, export_model
 from export.graph import HEAD_ALIAS, ExternalData, build_decoder_graph
@@ -211,11 +211,13 @@ def test_a_replaced_or_damaged_model_onnx_is_not_hidden_by_the_prepacked_model(t
         OrtBackend(load_artifact(d), threads=1)
 
 
-def test_export_without_prepack_and_fp16_have_no_prepacked_model(tmp_path, tiny_checkpoint):
+def test_export_without_prepack_has_no_prepacked_model_and_fp16_refuses_it(tmp_path, tiny_checkpoint):
     plain = export_model(str(tiny_checkpoint), tmp_path / "plain", show_progress=False)  # the default
-    fp16 = export_model(str(tiny_checkpoint), tmp_path / "fp16", precision="fp16", show_progress=False, prepack=True)
-    assert not (plain / PREPACKED_DIR).exists() and not (fp16 / PREPACKED_DIR).exists()
+    assert not (plain / PREPACKED_DIR).exists()
     assert find_prepacked(load_artifact(plain)) is None
+    with pytest.raises(EngineError, match="--prepack is for"):
+        export_model(str(tiny_checkpoint), tmp_path / "fp16", precision="fp16", show_progress=False, prepack=True)
+    assert not (tmp_path / "fp16").exists()
 
 
 # ---- the slot pool's memory ----------------------------------------------------------------------
