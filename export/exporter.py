@@ -20,8 +20,8 @@ from tqdm import tqdm
 from engine import artifact as io
 from engine.errors import CheckpointError, EngineError
 from export.checkpoint import Checkpoint, random_checkpoint, resolve_checkpoint, sha256_file
-from export.graph import build_decoder_graph, externalize, resolve_attention
-from export.quantize import quantization_info, quantize_weights_int8
+from export.graph import build_decoder_graph, resolve_attention
+from export.quantize import quantization_info
 from export.tokenizer import tokenizer_for_checkpoint
 
 # Every size keeps its weights in model.onnx.data beside a small model.onnx (the graph), each weight at
@@ -60,14 +60,6 @@ def _prepare_out(out: Path, force: bool) -> tuple[Path, Path | None]:
         raise EngineError(f"cannot write to {parent} ({e.strerror}): choose a writable --out") from None
 
 
-def _save_onnx(model: onnx.ModelProto, tmp: Path) -> None:
-    """Write model.onnx; weights not already streamed out (int8's, quantized in memory) go to
-    model.onnx.data first, page-aligned."""
-    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        externalize(model, tmp / EXTERNAL_DATA_FILE)
-    onnx.save_model(model, str(tmp / io.MODEL_FILE))
-
-
 def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str | None = None, seed: int = 0,
                  init_range: float = 0.02, force: bool = False, show_progress: bool = True,
                  attention: str | None = None, prepack: bool = False) -> Path:
@@ -98,18 +90,14 @@ def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str 
             cfg = ckpt.config
             bar.update(1)
             with tqdm(total=cfg.n_layer, desc="  graph", unit="layer", disable=not show_progress, leave=False) as layers:
-                # Stream fp32/fp16 weights straight to model.onnx.data; int8 is quantized in memory
-                # first and moved out when saved.
-                stream_to = tmp / EXTERNAL_DATA_FILE if precision != "int8" else None
+                # Every weight streams straight to model.onnx.data as its layer is built (int8 quantized
+                # one weight at a time on the way): peak memory stays at about the checkpoint's size.
                 model = build_decoder_graph(cfg, ckpt.weights, precision, attention, progress=layers.update,
-                                            external_data=stream_to)
-            del ckpt.weights  # the graph holds its own copy; keep peak memory at ~2x the weights
-            if precision == "int8":
-                bar.set_postfix_str("quantizing weights to int8")
-                model = quantize_weights_int8(model)
+                                            external_data=tmp / EXTERNAL_DATA_FILE)
+            del ckpt.weights
             bar.update(1)
             bar.set_postfix_str("writing model.onnx")
-            _save_onnx(model, tmp)
+            onnx.save_model(model, str(tmp / io.MODEL_FILE))  # the graph: its weights are in model.onnx.data already
             del model
             bar.update(1)
             bar.set_postfix_str("tokenizer + manifest")

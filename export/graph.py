@@ -33,6 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from engine import artifact as io
 from engine.config import GPT2Config
+from export.quantize import ACCURACY_LEVEL, BITS, block_size_for, quantize_blocks
 
 FLOAT, FLOAT16, INT32, INT64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT32, TensorProto.INT64
 # Large negative additive mask: finite so a fully masked row (never produced here) cannot yield NaN.
@@ -82,26 +83,6 @@ class ExternalData:
         self._file.close()
 
 
-def externalize(model: onnx.ModelProto, path: str | Path, min_bytes: int = 1024) -> None:
-    """Move every initializer of at least `min_bytes` held in `model` into the external-data file
-    `path`, page-aligned (what build_decoder_graph streams for fp32/fp16; int8 is quantized in memory
-    first, then moved out with this)."""
-    ext = ExternalData(path)
-    try:
-        for i, t in enumerate(model.graph.initializer):
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                continue
-            if not t.HasField("raw_data"):
-                if numpy_helper.to_array(t).nbytes < min_bytes:
-                    continue
-                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t), t.name))
-            if len(t.raw_data) < min_bytes:
-                continue
-            model.graph.initializer[i].CopyFrom(ext.raw(t.name, t.data_type, t.dims, t.raw_data))
-    finally:
-        ext.close()
-
-
 class _Graph:
     """Accumulates nodes and initializers; `op` names each node by the current scope."""
 
@@ -113,6 +94,7 @@ class _Graph:
         self.external = external
         self.gemm_out_shape: str | None = None  # set: linear layers are 2-D Gemms reshaped to this
         self.skip_norm = False  # residual Add + LayerNorm as one SkipLayerNormalization (the ORT CPU graphs)
+        self.int8 = False       # weight matmuls as MatMulNBits, quantized while the graph is built
         self._counts: dict[str, int] = {}
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, name: str | None = None,
@@ -135,7 +117,10 @@ class _Graph:
         return full
 
     def weight(self, key: str, array: np.ndarray, dtype: int) -> str:
-        array = np.ascontiguousarray(array, dtype=np.float16 if dtype == FLOAT16 else np.float32)
+        return self.initializer(key, np.ascontiguousarray(array, dtype=np.float16 if dtype == FLOAT16 else np.float32))
+
+    def initializer(self, key: str, array: np.ndarray) -> str:
+        """An initializer of this exact array (to the external data when there is one and it is >= 1 KB)."""
         if self.external is not None and array.nbytes >= 1024:
             self.initializers.append(self.external.tensor(key, array))
         else:
@@ -146,10 +131,25 @@ class _Graph:
         return self.op("Cast", [x], to=to)
 
 
+def _matmul_int8(g: _Graph, x: str, key: str, weight: np.ndarray, role: str) -> str:
+    """x @ W as MatMulNBits (com.microsoft): W (K, N) quantized here, block size by role
+    (export/quantize.py), its operands streamed to the external data like every other weight."""
+    k, n = weight.shape
+    block = block_size_for(role, k)
+    packed, scales = quantize_blocks(weight, block)
+    B = g.initializer(f"{key}_Q8", packed)
+    S = g.initializer(f"{key}_scales", scales)
+    return g.op("MatMulNBits", [x, B, S], domain="com.microsoft", K=k, N=n, bits=BITS, block_size=block,
+                accuracy_level=ACCURACY_LEVEL)
+
+
 def _linear(g: _Graph, x: str, prefix: str, w: dict[str, np.ndarray]) -> str:
     """Conv1D: x @ W + b with W stored (in, out), exactly what MatMul consumes."""
-    W = g.weight(f"{prefix}.weight", w[f"{prefix}.weight"], g.compute)
     b = g.weight(f"{prefix}.bias", w[f"{prefix}.bias"], g.compute)
+    if g.int8:
+        # MatMulNBits then Add: ONNX Runtime folds the bias into the MatMulNBits node when it loads.
+        return g.op("Add", [_matmul_int8(g, x, f"{prefix}.weight", w[f"{prefix}.weight"], prefix.split(".", 2)[2]), b])
+    W = g.weight(f"{prefix}.weight", w[f"{prefix}.weight"], g.compute)
     if g.gemm_out_shape:
         # fp32: one Gemm over the (B*T, in) rows adds the bias inside the GEMM, where MatMul + Add makes a
         # second pass over the output (prefill 512 measured ~3% faster). int8 keeps MatMul + Add, the
@@ -340,6 +340,7 @@ def build_decoder_graph(cfg: GPT2Config, weights: dict[str, np.ndarray], precisi
 def _build(cfg: GPT2Config, weights: dict[str, np.ndarray], precision: str, attention: str,
            progress: Callable[[int], None] | None, g: _Graph) -> onnx.ModelProto:
     ctx = _positions_and_mask(g, attention)
+    g.int8 = precision == "int8"
     if precision == "fp32":
         g.gemm_out_shape = g.op("Concat", [g.op("Shape", [io.INPUT_IDS]), g.const("last_dim", np.array([-1], np.int64))],
                                 axis=0)                                             # (3,) = [B, T, -1]
@@ -375,10 +376,9 @@ def _build(cfg: GPT2Config, weights: dict[str, np.ndarray], precision: str, atte
     head_key = "lm_head.weight" if "lm_head.weight" in weights else "wte.weight"  # fine-tunes may untie it
     flat = g.op("Reshape", [x, g.const("flat", np.array([-1, cfg.n_embd], np.int64))])  # (B*K, C)
     if precision == "int8":
-        # A (C, V) copy as a MatMul, so the weight-only quantizer turns the head (a third of the bytes
-        # a decode step reads) into int8 too; the embedding Gather keeps fp32 wte.
-        head = g.weight(f"{head_key}.T", weights[head_key].T, g.compute)
-        logits = g.op("MatMul", [flat, head])                                       # (B*K, V)
+        # The head (a third of the bytes a decode step reads) in int8 too, quantized from its (C, V)
+        # transpose; the embedding Gather keeps fp32 wte.
+        logits = _matmul_int8(g, flat, f"{head_key}.T", weights[head_key].T, "lm_head")  # (B*K, V)
     else:
         head = head_key if head_key == "wte.weight" else g.weight(head_key, weights[head_key], g.compute)
         wte_tensor = next(t for t in g.initializers if t.name == wte)

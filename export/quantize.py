@@ -28,9 +28,7 @@ but 19% / 56% argmax agreement on init 0.1 / 0.02 weights: below the bench's los
 
 from __future__ import annotations
 
-import logging
-
-import onnx
+import numpy as np
 
 from engine.errors import EngineError
 
@@ -44,7 +42,7 @@ BLOCK_SIZES = {"attn.c_attn": 32, "attn.c_proj": 32, "mlp.c_fc": 128, "mlp.c_pro
 
 
 def matmul_role(node_name: str) -> str | None:
-    """The BLOCK_SIZES role of a weight MatMul from its node scope (/h.3.attn/c_attn/MatMul, /lm_head/MatMul)."""
+    """The BLOCK_SIZES role of a weight matmul from its node scope (/h.3.attn/c_attn/MatMulNBits, /lm_head/MatMulNBits)."""
     scope = node_name.replace("/", ".")
     return next((role for role in BLOCK_SIZES if f".{role}." in scope), None)
 
@@ -62,33 +60,22 @@ def quantization_info() -> dict:
             "block_size": dict(BLOCK_SIZES), "block_size_rule": "halved until it divides K"}
 
 
-def quantize_weights_int8(model: onnx.ModelProto) -> onnx.ModelProto:
+def quantize_blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """One (K, N) fp32 weight as MatMulNBits' 8-bit symmetric operands: B (N, K/block, block) uint8 and
+    scales (N, K/block) fp32, made by ONNX Runtime's own kernel (what its MatMulNBitsQuantizer calls;
+    tests/test_int8.py checks the two agree byte for byte). One weight at a time, so the exporter streams
+    int8 weights to model.onnx.data as it builds the graph: quantizing a whole in-memory model (the
+    quantizer) took over 24 GB for gpt2-xl and was killed."""
     try:
-        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+        from onnxruntime.capi._pybind_state import quantize_matmul_8bits
     except ImportError as e:
-        raise EngineError(f"--precision int8 needs onnxruntime's quantization tools ({e}): "
-                          "`pip install onnx_ir` (and onnxruntime >= 1.22)") from None
-    weights = {t.name: t for t in model.graph.initializer}
-    groups: dict[int, set[str]] = {}
-    for node in model.graph.node:
-        if node.op_type == "MatMul" and node.input[1] in weights:
-            k = weights[node.input[1]].dims[0]
-            groups.setdefault(block_size_for(matmul_role(node.name), k), set()).add(node.name)
-    log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-    level = log.level
-    log.setLevel(logging.WARNING)  # it logs every node at INFO; the export has its own progress bar
-    try:
-        for block, names in sorted(groups.items()):
-            # One pass per block size. The quantizer takes every MatMul its op types name (nodes_to_include
-            # only adds to those), so the other groups are excluded instead.
-            others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in names]
-            config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
-                                                  bits=BITS, op_types_to_quantize=("MatMul",))
-            quantizer = MatMulNBitsQuantizer(model, bits=BITS, block_size=block, is_symmetric=True,
-                                             accuracy_level=ACCURACY_LEVEL, nodes_to_exclude=others,
-                                             algo_config=config, op_types_to_quantize=("MatMul",))
-            quantizer.process()
-            model = quantizer.model.model
-    finally:
-        log.setLevel(level)
-    return model
+        raise EngineError(f"--precision int8 needs onnxruntime's quantize_matmul_8bits ({e}): "
+                          "`pip install 'onnxruntime>=1.22'`") from None
+    k, n = weight.shape
+    if k % block:
+        raise ValueError(f"block {block} does not divide K={k}")  # block_size_for never picks one
+    packed = np.zeros((n, k // block, block), np.uint8)
+    scales = np.zeros((n, k // block), np.float32)
+    zero_points = np.zeros((n, k // block), np.uint8)  # written by the kernel, not used: symmetric
+    quantize_matmul_8bits(packed, np.ascontiguousarray(weight, np.float32), scales, zero_points, block, n, k, True)
+    return packed, scales

@@ -119,3 +119,32 @@ def test_tiny_int8_accuracy_within_stated_bounds(tmp_path):
             rel_err.append(np.abs(a - b).max() / a.std())
     assert np.mean(agree) >= 0.93, f"argmax agreement with fp32 {np.mean(agree):.3f} < 0.93"
     assert max(rel_err) <= 0.15, f"max logit error {max(rel_err):.3f} x logit std > 0.15"
+
+
+@pytest.mark.parametrize("k,n,block", [(64, 192, 32), (256, 64, 128), (768, 40, 128)])
+def test_streamed_quantization_matches_onnxruntimes_quantizer(k, n, block):
+    """The exporter quantizes each weight as it streams it (export.quantize.quantize_blocks); ONNX
+    Runtime's MatMulNBitsQuantizer on a one-MatMul model must make the same operands, byte for byte."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    from export.quantize import quantize_blocks
+    w = np.random.default_rng(k + n).normal(0, 0.1, (k, n)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+                              [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=ACCURACY_LEVEL, bits=8)
+    q = MatMulNBitsQuantizer(model, bits=8, block_size=block, is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
+                             algo_config=config)
+    q.process()
+    inits = {t.name: numpy_helper.to_array(t) for t in q.model.model.graph.initializer}
+    packed, scales = quantize_blocks(w, block)
+    assert np.array_equal(inits["W_Q8"].reshape(packed.shape).view(np.uint8), packed)
+    assert np.array_equal(inits["W_scales"].reshape(scales.shape), scales)
+    # and the operands mean W: dequantized (zero point 128), within one step of its block's scale (half a
+    # step by rounding; the block's largest magnitude maps to -128, so its opposite sign may clamp at 127)
+    step = np.abs(scales)[..., None]                                                 # (N, K/block, 1)
+    err = np.abs((packed.astype(np.float32) - 128) * scales[..., None] - w.T.reshape(n, k // block, block))
+    assert (err <= step * (1 + 1e-5)).all() and np.median(err / step) <= 0.3
