@@ -118,7 +118,7 @@ main.add_command(bench_serve)
               help="Speculative decoding: a draft model directory with the same tokenizer (e.g. MODEL's own int8 "
                    "export). Greedy output is unchanged; sampling keeps MODEL's distribution.")
 @click.option("--draft-k", type=click.IntRange(1, 16), default=4, show_default=True,
-              help="Draft tokens proposed per speculative round.")
+              help="Most draft tokens per speculative round (each round takes as many as pay, by measured times).")
 @friendly_errors
 def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy, seed, stop,
              stream, batch_file, truncate, backend, device, threads, precision, init, timings, draft, draft_k):
@@ -162,7 +162,8 @@ def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetitio
             click.echo(f"load {gen.load_s * 1e3:.0f} ms | prefill {t.prefill_s * 1e3:.1f} ms | decode "
                        f"{t.decode_per_token_s * 1e3:.1f} ms/token over {t.decode_steps} steps | batch {len(prompts)} | "
                        f"finish {', '.join(o.finish_reason for o in outs)}"
-                       + (f" | draft acceptance {t.acceptance_rate:.0%}" if t.acceptance_rate is not None else ""),
+                       + (f" | draft acceptance {t.acceptance_rate:.0%} of {t.drafts_proposed}" if t.acceptance_rate is not None
+                          else " | draft unused (no round paid: see engine/speculative.py)" if draft is not None else ""),
                        err=True)
 
 @main.command()

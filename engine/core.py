@@ -25,13 +25,17 @@ Prefill policy (chunked prefill, as vLLM and TensorRT-LLM do it):
   continuation chunks run on a one-row view of the request's own row.
 
 Speculative decoding (with a draft backend): when exactly one request is decoding and no prompt is
-waiting for prefill, a round proposes `draft_k` tokens with the draft (its own slot pool, caught up
-lazily with the tokens it has not seen), verifies them in one target forward of k+1 tokens on the
+waiting for prefill, a round proposes k <= `draft_k` tokens with the draft (its own slot pool, caught
+up lazily with the tokens it has not seen), verifies them in one target forward of k+1 tokens on the
 request's one-row view, and emits the accepted drafts plus one target token (engine/speculative.py).
+k is chosen per round by SpeculationPolicy (engine/speculative.py): the k with the best expected
+tokens per unit of time from the request's acceptance so far and the draft's cost (its weight bytes
+over the target's), or no round at all (a plain step, with a probe every 32 tokens) when drafting
+does not pay; it never reads a clock, so seeded requests reproduce. speculate="always": draft_k every round.
 Rejected positions roll back for free: the row's fill level moves back and later writes overwrite the
 slots. With several requests decoding, the batched step already shares each weight read among them
 and GroupQueryAttention verifies several tokens only at batch 1, so the loop does not speculate.
-k is fixed (default 4); each output reports its acceptance rate.
+Each output reports its acceptance rate (accepted / proposed drafts).
 
 Batch invariance: every request has its own RNG (seeded from its params), penalties and stop
 strings; its row's cache holds only its own tokens. What can differ with the batch is float rounding
@@ -55,7 +59,7 @@ from engine.backends.base import Backend
 from engine.errors import EngineClosed, EngineError, EngineOverloaded
 from engine.loop import RowState, advance, decode_step, prefill, sample_rows
 from engine.sampling import logits_to_probs, top_logprobs
-from engine.speculative import accept_drafts, draw
+from engine.speculative import SpeculationPolicy, accept_drafts, draw
 
 PREFILL_SHARE = 0.75   # a prefill chunk may cost this fraction of a decode step while rows decode
 MIN_CHUNK = 16         # never fewer prompt tokens per iteration (progress for long prompts)
@@ -116,6 +120,8 @@ class Request:
         self.logprobs: list[TokenLogprob] | None = [] if row.params.logprobs is not None else None
         self.draft_filled = 0                              # slots of the draft's pool row holding this sequence
         self.drafts_proposed = self.drafts_accepted = 0
+        self.draft_trials = 0                              # drafts judged (accepted + the first rejected of each round)
+        self.plain_since_round = 0                         # plain decode steps since its last speculative round
         self._sent_tokens = 0                              # generated ids already handed out in deltas
         self._hold = max((len(s) - 1 for s in row.params.stop), default=0)
 
@@ -151,7 +157,8 @@ class EngineCore:
     """One loop thread, one slot pool. Thread-safe: submit/abort/stats/close from any thread."""
 
     def __init__(self, backend: Backend, eos_id: int, capacity: int, max_batch: int = 8, max_queue: int = 256,
-                 prefill_chunk: int | None = None, draft: Backend | None = None, draft_k: int = 4):
+                 prefill_chunk: int | None = None, draft: Backend | None = None, draft_k: int = 4,
+                 draft_cost: float = 0.35, speculate: str = "auto"):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise EngineError(f"max_batch must be an int >= 1, got {max_batch!r}")
         if backend.max_batch is not None and max_batch > backend.max_batch:
@@ -164,9 +171,14 @@ class EngineCore:
                               f"policy) or an int >= 1, got {prefill_chunk!r}")
         if draft is not None and (not isinstance(draft_k, int) or not 1 <= draft_k <= 16):
             raise EngineError(f"draft_k must be an int in [1, 16], got {draft_k!r}")
+        if speculate not in ("auto", "always"):
+            raise EngineError(f"speculate must be 'auto' (rounds only when they pay) or 'always' (draft_k every "
+                              f"round), got {speculate!r}")
         self.backend, self.eos_id, self.capacity = backend, eos_id, capacity
         self.draft, self.draft_k = draft, draft_k
         self._draft_cache = None
+        # draft_cost: a draft step in target steps (the Generator passes the weight-bytes ratio).
+        self._policy = SpeculationPolicy(draft_k, draft_cost, always=speculate == "always") if draft is not None else None
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self._cache = None                        # the pool: allocated on the loop thread's first admission
         self._active: list[Request] = []          # index == slot
@@ -354,13 +366,16 @@ class EngineCore:
         # Rows that got their first token in this iteration's prefill join this step too.
         if not decoders:
             return
-        if self.draft is not None and len(decoders) == len(self._active) == 1:
+        solo = self._policy is not None and len(decoders) == len(self._active) == 1
+        if solo:
             r = decoders[0]
-            k = min(self.draft_k, self.capacity - 1 - r.filled,
-                    r.row.params.max_new_tokens - len(r.row.generated) - 1)
+            k_cap = min(self.draft_k, self.capacity - 1 - r.filled, r.row.params.max_new_tokens - len(r.row.generated) - 1)
+            k = self._policy.choose_k(r.drafts_accepted, r.draft_trials, r.plain_since_round, k_cap)
             if k >= 1:
                 self._speculate(r, k)
+                r.plain_since_round = 0
                 return
+            r.plain_since_round += 1
         hi = max(r.slot for r in decoders) + 1
         tokens = np.full(hi, self.eos_id, np.int64)                                   # (hi,)
         positions = np.zeros(hi, np.int64)                                            # (hi,)
@@ -413,6 +428,7 @@ class EngineCore:
         tokens, accepted = accept_drafts(target, q, drafts, row.rng, params.is_greedy)
         r.drafts_proposed += k
         r.drafts_accepted += accepted
+        r.draft_trials += accepted + (accepted < k)
         # The draft holds the last token and drafts 1..k-1; the accepted ones stay valid.
         r.draft_filled = p + 1 + min(accepted, k - 1)
         now = time.perf_counter()

@@ -30,6 +30,7 @@ from engine.core import Delta, EngineCore, EngineStats, Request, TokenLogprob
 from engine.errors import ArtifactError, EngineClosed, InputError
 from engine.loop import RowState, new_row, sequence_logits
 from engine.sampling import SamplingParams
+from engine.speculative import draft_cost as speculation_cost
 
 TRUNCATE_MODES = ("error", "left")
 
@@ -83,7 +84,8 @@ class GenerationOutput:
 
 class Generator:
     def __init__(self, artifact: Artifact, backend, tokenizer, load_s: float = 0.0, max_batch: int = 8,
-                 max_queue: int = 256, prefill_chunk: int | None = None, draft=None, draft_k: int = 4):
+                 max_queue: int = 256, prefill_chunk: int | None = None, draft=None, draft_k: int = 4,
+                 draft_cost: float = 0.35, speculate: str = "auto"):
         self.artifact = artifact
         self.backend = backend
         self.tokenizer = tokenizer
@@ -95,22 +97,26 @@ class Generator:
         # One loop and one slot pool for every caller (engine/core.py).
         self.draft = draft  # a second backend (speculative decoding), checked by from_pretrained
         self.core = EngineCore(backend, self.config.eos_token_id, self.max_context, max_batch=max_batch,
-                               max_queue=max_queue, prefill_chunk=prefill_chunk, draft=draft, draft_k=draft_k)
+                               max_queue=max_queue, prefill_chunk=prefill_chunk, draft=draft, draft_k=draft_k,
+                               draft_cost=draft_cost, speculate=speculate)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, backend: str = "ort", device: str = "cpu",
                         threads: int | None = None, max_batch: int = 8, max_queue: int = 256,
                         prefill_chunk: int | None = None, draft: str | os.PathLike | None = None,
-                        draft_k: int = 4, **backend_options) -> Generator:
+                        draft_k: int = 4, speculate: str = "auto", **backend_options) -> Generator:
         """Load a model directory made by `gpt2-engine export`. backend: 'ort' (CPU/CUDA) or 'trt'.
 
         max_batch: KV-cache slots (requests decoding at once); max_queue: requests that may wait for a
         slot before submissions fail with EngineOverloaded; prefill_chunk: prompt tokens per loop
         iteration while other requests decode (None: adaptive, about 3/4 of a decode step's time;
         0: never split a prompt). draft: a model directory with the same tokenizer and vocabulary (e.g.
-        the target's own int8 export) for speculative decoding: `draft_k` tokens proposed per round
-        when one request decodes alone; greedy output is the target's own, sampling follows its
-        distribution exactly.
+        the target's own int8 export) for speculative decoding when one request decodes alone: up to
+        `draft_k` tokens proposed per round, as many as pay by what the engine has measured (none when
+        drafting is slower than decoding plainly; engine/speculative.py's SpeculationPolicy, which
+        prices a draft step by the two models' weight bytes); speculate='always': `draft_k` every round
+        (to measure the rule). Greedy output is the target's own, sampling follows its distribution
+        exactly, and a seeded request reproduces.
         """
         from tokenizers import Tokenizer
 
@@ -121,13 +127,15 @@ class Generator:
         except Exception as e:  # the Rust side raises plain Exceptions for malformed JSON
             raise ArtifactError(f"{art.tokenizer_path} is corrupt ({e}): re-run `gpt2-engine export`") from None
         be = _load_backend(art, backend, device, threads, backend_options)
-        draft_be = None
+        draft_be, draft_cost = None, 0.35
         if draft is not None:
             draft_art = load_artifact(draft)
             _check_draft(art, draft_art)
             draft_be = _load_backend(draft_art, backend, device, threads, backend_options)
+            draft_cost = speculation_cost(art.config, art.precision, draft_art.config, draft_art.precision)
         return cls(art, be, tokenizer, time.perf_counter() - t0, max_batch=max_batch, max_queue=max_queue,
-                   prefill_chunk=prefill_chunk, draft=draft_be, draft_k=draft_k)
+                   prefill_chunk=prefill_chunk, draft=draft_be, draft_k=draft_k, draft_cost=draft_cost,
+                   speculate=speculate)
 
     # --- tokens ---------------------------------------------------------------------------------
 

@@ -14,6 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine.config import GPT2Config
+
+# What a batch-1 decode step reads per matmul weight, in bytes, as measured rather than as stored:
+# fp32 decodes at 1.04-1.12x its byte floor, int8 (1 byte + a scale per block) at 1.3-1.5x (ONNX
+# Runtime 1.32, 2-core AVX-512 Xeon, docs/bench/README.md), so int8 counts as 1.4.
+STEP_BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.4}
+
 
 def accept_drafts(target_probs: np.ndarray, draft_probs: np.ndarray, drafts: list[int],
                   rng: np.random.Generator, greedy: bool) -> tuple[list[int], int]:
@@ -53,3 +60,77 @@ def draw(weights: np.ndarray, rng: np.random.Generator) -> int:
     cdf = np.cumsum(weights)
     i = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
     return min(i, len(weights) - 1)
+
+
+def draft_cost(target: GPT2Config, target_precision: str, draft: GPT2Config, draft_precision: str) -> float:
+    """A draft decode step in target decode steps: the ratio of the matmul weight bytes each reads
+    (memory-bound at batch 1; embeddings are gathered, not read whole). gpt2-large fp32 with its int8
+    export: 0.35, measured 0.343."""
+    def step_bytes(cfg: GPT2Config, precision: str) -> float:
+        return (12 * cfg.n_layer * cfg.n_embd ** 2 + cfg.vocab_size * cfg.n_embd) * STEP_BYTES_PER_PARAM[precision]
+    return step_bytes(draft, draft_precision) / step_bytes(target, target_precision)
+
+
+class SpeculationPolicy:
+    """When to speculate and how far (k): speculate only when it pays, decided the same way every run.
+
+    A round of k drafts costs k draft steps plus one target forward of k+1 tokens and emits
+    (1 - a^(k+1)) / (1 - a) tokens on average, a being the chance that the draft's next token is
+    accepted (a draft is judged only while every one before it was). In units of a plain target step:
+    T(k) = k * draft_cost + 1 + VERIFY_PER_DRAFT * k. Decoding at batch 1 is memory-bound, so
+    draft_cost is the ratio of the weight bytes each model reads per step (draft_cost() above), and
+    verifying k+1 tokens costs about one step. Measured on gpt2-large fp32 with its int8 export, batch 1,
+    2 threads (AVX-512 Xeon): a draft step 0.343x a target step for a bytes ratio of 0.35, and 2 / 3 / 5
+    tokens in one target forward 1.05x / 1.10x / 1.19x one token.
+
+    Each round takes the k in 1..k_max with the best expected tokens per unit of time, if that beats a
+    plain step by MARGIN; otherwise the request decodes plainly (the draft catches up in one forward
+    when speculation resumes) and probes with k = 1 every PROBE_EVERY tokens, so text that becomes easy
+    to draft gets speculation back. a is the request's own acceptance so far under a Beta prior
+    (PRIOR_ACCEPT over PRIOR_TRIALS pseudo-trials). The choice depends only on the request's own history
+    and the two models, never on timings, so a seeded sampled request reproduces run after run. Why a
+    policy at all: with k fixed at 4, gpt2-large at init 0.1 (acceptance 0.11) decoded 2.06x slower
+    than alone; at init 0.02 (acceptance 1.0) 0.42x (docs/bench/README.md, "CPU speed II").
+
+    always=True proposes k_max (or what fits) every round: the rule itself, for measuring acceptance
+    and for tests of low-acceptance exactness.
+    """
+
+    PRIOR_ACCEPT, PRIOR_TRIALS = 0.6, 4.0
+    PROBE_EVERY = 32
+    MARGIN = 1.05
+    VERIFY_PER_DRAFT = 0.05
+
+    def __init__(self, k_max: int, draft_cost: float, always: bool = False):
+        if not draft_cost > 0:
+            raise ValueError(f"draft_cost must be > 0, got {draft_cost!r}")
+        self.k_max, self.draft_cost, self.always = k_max, float(draft_cost), always
+
+    @classmethod
+    def acceptance(cls, accepted: int, trials: int) -> float:
+        return (accepted + cls.PRIOR_ACCEPT * cls.PRIOR_TRIALS) / (trials + cls.PRIOR_TRIALS)
+
+    @staticmethod
+    def expected_tokens(a: float, k: int) -> float:
+        """Tokens a round of k drafts emits on average (the accepted drafts + the target's own)."""
+        return k + 1.0 if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+
+    def speedup(self, a: float, k: int) -> float:
+        """Expected tokens per unit of time of a k-draft round over plain decoding."""
+        return self.expected_tokens(a, k) / (k * self.draft_cost + 1.0 + self.VERIFY_PER_DRAFT * k)
+
+    def choose_k(self, accepted: int, trials: int, plain_since: int, k_cap: int) -> int:
+        """k for this round (0: a plain step). accepted / trials: the request's drafts judged so far;
+        plain_since: its plain steps since its last round; k_cap: the most drafts that fit (context,
+        max_new_tokens)."""
+        k_cap = min(k_cap, self.k_max)
+        if k_cap < 1 or self.always:
+            return max(k_cap, 0)
+        a = self.acceptance(accepted, trials)
+        best_k, best = 0, self.MARGIN
+        for k in range(1, k_cap + 1):
+            if (gain := self.speedup(a, k)) > best:
+                best_k, best = k, gain
+        if best_k == 0 and plain_since >= self.PROBE_EVERY:
+            return 1                                        # a cheap look at whether drafting pays now
+        return best_k

@@ -150,12 +150,18 @@ def test_serve_on_a_busy_port_is_one_line_and_exit_1(tiny_model):
             srv.kill()
 
 
-def test_serve_with_a_draft_model_gives_the_targets_greedy_output(tiny_model):
-    """`serve MODEL --draft DRAFT`: speculative decoding behind the API; greedy text is the model's own."""
+def test_serve_with_a_draft_model_gives_the_targets_greedy_output(tiny_model, tmp_path):
+    """`serve MODEL --draft DRAFT`: speculative decoding behind the API (the model's int8 export drafts:
+    the default policy uses it, engine/speculative.py); greedy text is the model's own."""
     from engine import Generator, SamplingParams
+    from export.exporter import export_model
+    int8 = export_model(str(tiny_model.ckpt), tmp_path / "int8", precision="int8", show_progress=False)
+    params = SamplingParams.greedy(24, logit_bias={EOS: -100})
     with Generator.from_pretrained(tiny_model.art, threads=1) as gen:
-        expected = gen.generate("The meaning of life is", SamplingParams.greedy(24, logit_bias={EOS: -100})).text
-    p = ServeProcess(str(tiny_model.art), "--port", "0", "--threads", "1", "--draft", str(tiny_model.art))
+        expected = gen.generate("The meaning of life is", params).text
+    with Generator.from_pretrained(tiny_model.art, threads=1, draft=int8) as gen:
+        assert gen.generate("The meaning of life is", params).timings.drafts_proposed > 0  # what the server runs drafts
+    p = ServeProcess(str(tiny_model.art), "--port", "0", "--threads", "1", "--draft", str(int8))
     try:
         url = p.wait_url(60)
         wait_until(lambda: _status(url, "/health") == 200, 60, "ready")

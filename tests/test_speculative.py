@@ -82,7 +82,10 @@ def test_speculative_greedy_equals_the_target_alone(pair, which):
     target, int8, other = pair
     draft = int8 if which == "int8" else other
     params = SamplingParams.greedy(64, stop_at_eos=False)
-    with load_generator(target, threads=2) as alone, load_generator(target, threads=2, draft=draft, draft_k=4) as spec:
+    # speculate="always": every round proposes 4 drafts, however few are accepted (the rule's exactness);
+    # the default policy would stop drafting with the other-seed draft (test below).
+    with load_generator(target, threads=2) as alone, \
+            load_generator(target, threads=2, draft=draft, draft_k=4, speculate="always") as spec:
         for prompt in (PROMPT_IDS[0], PROMPTS[1]):
             a, b = alone.generate(prompt, params), spec.generate(prompt, params)
             assert b.token_ids == a.token_ids and b.text == a.text
@@ -129,3 +132,50 @@ def test_a_draft_with_other_tokens_is_refused(pair, tmp_path_factory):
     (bad_tok / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(InputError, match="another tokenizer"):
         load_generator(target, draft=bad_tok)
+
+
+# ---- when to speculate: SpeculationPolicy ----------------------------------------------------------------
+
+def test_policy_speculates_only_when_it_pays():
+    from engine.speculative import SpeculationPolicy
+    p = SpeculationPolicy(4, draft_cost=0.35)                 # gpt2-large fp32 with its int8 export
+    assert p.choose_k(40, 40, 0, k_cap=4) == 4                # every draft accepted: the longest round pays most
+    assert p.choose_k(40, 40, 0, k_cap=2) == 2                # ...up to what fits (context, max_new_tokens)
+    assert p.choose_k(40, 40, 0, k_cap=0) == 0
+    # Acceptance ~0.1 (gpt2-large at init 0.1): no k beats a plain step: decode plainly...
+    assert p.choose_k(4, 40, 0, k_cap=4) == 0
+    # ...and probe with one draft every PROBE_EVERY plain steps.
+    assert p.choose_k(4, 40, p.PROBE_EVERY, k_cap=4) == 1
+    # In between, a shorter round (acceptance 0.6).
+    assert p.choose_k(24, 40, 0, k_cap=4) in (1, 2)
+    # The first round, on the prior alone (0.6), is a short one.
+    assert p.choose_k(0, 0, 0, k_cap=4) == 1
+    # A draft as costly as the target never pays, even accepting everything.
+    assert SpeculationPolicy(4, draft_cost=1.0).choose_k(40, 40, 0, k_cap=4) == 0
+    # always: the rule itself, whatever it costs.
+    assert SpeculationPolicy(4, draft_cost=1.0, always=True).choose_k(0, 40, 0, k_cap=3) == 3
+
+
+def test_policy_arithmetic():
+    from engine.config import SIZES
+    from engine.speculative import SpeculationPolicy, draft_cost
+    assert SpeculationPolicy.expected_tokens(1.0, 4) == 5
+    assert SpeculationPolicy.expected_tokens(0.0, 4) == 1
+    assert abs(SpeculationPolicy.expected_tokens(0.5, 2) - 1.75) < 1e-12      # 1 + 0.5 + 0.25
+    assert abs(draft_cost(SIZES["gpt2-large"], "fp32", SIZES["gpt2-large"], "int8") - 0.35) < 1e-9
+    assert draft_cost(SIZES["gpt2-xl"], "fp32", SIZES["gpt2"], "fp32") < 0.1                # a smaller family member
+    assert draft_cost(SIZES["gpt2"], "fp32", SIZES["gpt2"], "fp32") == 1.0
+
+
+def test_a_draft_that_does_not_pay_is_not_used(pair):
+    """The other-seed draft costs as much as the target: the request decodes plainly but for a probe
+    round every PROBE_EVERY tokens; output still the target's. The int8 draft is used."""
+    from engine.speculative import SpeculationPolicy
+    target, int8, other = pair
+    params = SamplingParams.greedy(96, stop_at_eos=False)
+    with load_generator(target, threads=2) as alone, load_generator(target, threads=2, draft=other) as spec, \
+            load_generator(target, threads=2, draft=int8) as spec8:
+        a, b, c = (g.generate(PROMPT_IDS[0], params) for g in (alone, spec, spec8))
+    assert b.token_ids == a.token_ids == c.token_ids
+    assert 0 < b.timings.drafts_proposed <= 96 // SpeculationPolicy.PROBE_EVERY, b.timings.drafts_proposed
+    assert c.timings.drafts_proposed > 96 // SpeculationPolicy.PROBE_EVERY, c.timings.drafts_proposed
