@@ -30,7 +30,7 @@ up lazily with the tokens it has not seen), verifies them in one target forward 
 request's one-row view, and emits the accepted drafts plus one target token (engine/speculative.py).
 k is chosen per round by SpeculationPolicy (engine/speculative.py): the k with the best expected
 tokens per unit of time from the request's acceptance so far and the draft's cost (its weight bytes
-over the target's), or no round at all (a plain step, with a probe every 32 tokens) when drafting
+over the target's), or no round at all (a plain step; probes after 32, 64, 128... tokens) when drafting
 does not pay; it never reads a clock, so seeded requests reproduce. speculate="always": draft_k every round.
 Rejected positions roll back for free: the row's fill level moves back and later writes overwrite the
 slots. With several requests decoding, the batched step already shares each weight read among them
@@ -122,6 +122,7 @@ class Request:
         self.drafts_proposed = self.drafts_accepted = 0
         self.draft_trials = 0                              # drafts judged (accepted + the first rejected of each round)
         self.plain_since_round = 0                         # plain decode steps since its last speculative round
+        self.probes = 0                                    # speculative rounds made only to re-measure acceptance
         self._sent_tokens = 0                              # generated ids already handed out in deltas
         self._hold = max((len(s) - 1 for s in row.params.stop), default=0)
 
@@ -370,7 +371,8 @@ class EngineCore:
         if solo:
             r = decoders[0]
             k_cap = min(self.draft_k, self.capacity - 1 - r.filled, r.row.params.max_new_tokens - len(r.row.generated) - 1)
-            k = self._policy.choose_k(r.drafts_accepted, r.draft_trials, r.plain_since_round, k_cap)
+            k, probe = self._policy.choose_k(r.drafts_accepted, r.draft_trials, r.plain_since_round, r.probes, k_cap)
+            r.probes += probe
             if k >= 1:
                 self._speculate(r, k)
                 r.plain_since_round = 0

@@ -84,11 +84,15 @@ class SpeculationPolicy:
     tokens in one target forward 1.05x / 1.10x / 1.19x one token.
 
     Each round takes the k in 1..k_max with the best expected tokens per unit of time, if that beats a
-    plain step by MARGIN; otherwise the request decodes plainly (the draft catches up in one forward
-    when speculation resumes) and probes with k = 1 every PROBE_EVERY tokens, so text that becomes easy
-    to draft gets speculation back. a is the request's own acceptance so far under a Beta prior
-    (PRIOR_ACCEPT over PRIOR_TRIALS pseudo-trials). The choice depends only on the request's own history
-    and the two models, never on timings, so a seeded sampled request reproduces run after run. Why a
+    plain step by MARGIN; otherwise the request decodes plainly and probes with k = 1 after PROBE_EVERY
+    tokens, then after twice as many each time (up to 8x), so text that becomes easy to draft gets
+    speculation back. A probe costs more than its round: the draft first catches up on every token it
+    has not seen in one forward, a prefill (compute-bound: measured, gpt2-large at init 0.1, probes every
+    32 tokens left decode 1.14x slower than alone). a is the request's own acceptance so far under a
+    Beta prior (PRIOR_ACCEPT over PRIOR_TRIALS pseudo-trials: weak, so a good draft reaches k_max within
+    a few rounds; with 0.6 over 4, gpt2-large at init 0.02 decoded 0.70x alone, at k = 2-3 for most of
+    64 tokens). The choice depends only on the request's own history and the two models, never on
+    timings, so a seeded sampled request reproduces run after run. Why a
     policy at all: with k fixed at 4, gpt2-large at init 0.1 (acceptance 0.11) decoded 2.06x slower
     than alone; at init 0.02 (acceptance 1.0) 0.42x (docs/bench/README.md, "CPU speed II").
 
@@ -96,8 +100,9 @@ class SpeculationPolicy:
     and for tests of low-acceptance exactness.
     """
 
-    PRIOR_ACCEPT, PRIOR_TRIALS = 0.6, 4.0
-    PROBE_EVERY = 32
+    PRIOR_ACCEPT, PRIOR_TRIALS = 0.75, 2.0
+    PROBE_EVERY = 32        # plain tokens before the first probe; doubled after each (up to 2^MAX_BACKOFF x)
+    MAX_BACKOFF = 3
     MARGIN = 1.05
     VERIFY_PER_DRAFT = 0.05
 
@@ -119,18 +124,18 @@ class SpeculationPolicy:
         """Expected tokens per unit of time of a k-draft round over plain decoding."""
         return self.expected_tokens(a, k) / (k * self.draft_cost + 1.0 + self.VERIFY_PER_DRAFT * k)
 
-    def choose_k(self, accepted: int, trials: int, plain_since: int, k_cap: int) -> int:
-        """k for this round (0: a plain step). accepted / trials: the request's drafts judged so far;
-        plain_since: its plain steps since its last round; k_cap: the most drafts that fit (context,
-        max_new_tokens)."""
+    def choose_k(self, accepted: int, trials: int, plain_since: int, probes: int, k_cap: int) -> tuple[int, bool]:
+        """(k for this round, 0: a plain step; whether it is a probe). accepted / trials: the request's
+        drafts judged so far; plain_since: its plain steps since its last round; probes: its probe
+        rounds so far; k_cap: the most drafts that fit (context, max_new_tokens)."""
         k_cap = min(k_cap, self.k_max)
         if k_cap < 1 or self.always:
-            return max(k_cap, 0)
+            return max(k_cap, 0), False
         a = self.acceptance(accepted, trials)
         best_k, best = 0, self.MARGIN
         for k in range(1, k_cap + 1):
             if (gain := self.speedup(a, k)) > best:
                 best_k, best = k, gain
-        if best_k == 0 and plain_since >= self.PROBE_EVERY:
-            return 1                                        # a cheap look at whether drafting pays now
-        return best_k
+        if best_k == 0 and plain_since >= self.PROBE_EVERY << min(probes, self.MAX_BACKOFF):
+            return 1, True                                  # a cheap look at whether drafting pays now
+        return best_k, False

@@ -139,21 +139,25 @@ def test_a_draft_with_other_tokens_is_refused(pair, tmp_path_factory):
 def test_policy_speculates_only_when_it_pays():
     from engine.speculative import SpeculationPolicy
     p = SpeculationPolicy(4, draft_cost=0.35)                 # gpt2-large fp32 with its int8 export
-    assert p.choose_k(40, 40, 0, k_cap=4) == 4                # every draft accepted: the longest round pays most
-    assert p.choose_k(40, 40, 0, k_cap=2) == 2                # ...up to what fits (context, max_new_tokens)
-    assert p.choose_k(40, 40, 0, k_cap=0) == 0
+    assert p.choose_k(40, 40, 0, 0, k_cap=4) == (4, False)    # every draft accepted: the longest round pays most
+    assert p.choose_k(40, 40, 0, 0, k_cap=2) == (2, False)    # ...up to what fits (context, max_new_tokens)
+    assert p.choose_k(40, 40, 0, 0, k_cap=0) == (0, False)
     # Acceptance ~0.1 (gpt2-large at init 0.1): no k beats a plain step: decode plainly...
-    assert p.choose_k(4, 40, 0, k_cap=4) == 0
-    # ...and probe with one draft every PROBE_EVERY plain steps.
-    assert p.choose_k(4, 40, p.PROBE_EVERY, k_cap=4) == 1
+    assert p.choose_k(4, 40, 0, 0, k_cap=4) == (0, False)
+    # ...and probe with one draft after PROBE_EVERY plain steps, then after twice as many each time.
+    assert p.choose_k(4, 40, p.PROBE_EVERY, 0, k_cap=4) == (1, True)
+    assert p.choose_k(4, 40, p.PROBE_EVERY, 1, k_cap=4) == (0, False)
+    assert p.choose_k(4, 40, 2 * p.PROBE_EVERY, 1, k_cap=4) == (1, True)
+    assert p.choose_k(4, 40, (8 * p.PROBE_EVERY), 10, k_cap=4) == (1, True)   # the backoff stops growing
     # In between, a shorter round (acceptance 0.6).
-    assert p.choose_k(24, 40, 0, k_cap=4) in (1, 2)
-    # The first round, on the prior alone (0.6), is a short one.
-    assert p.choose_k(0, 0, 0, k_cap=4) == 1
+    assert p.choose_k(24, 40, 0, 0, k_cap=4)[0] in (1, 2)
+    # The first round, on the prior alone (0.75), is a short one; two drafts accepted make it longer.
+    assert p.choose_k(0, 0, 0, 0, k_cap=4) == (2, False)
+    assert p.choose_k(2, 2, 0, 0, k_cap=4)[0] >= 3
     # A draft as costly as the target never pays, even accepting everything.
-    assert SpeculationPolicy(4, draft_cost=1.0).choose_k(40, 40, 0, k_cap=4) == 0
+    assert SpeculationPolicy(4, draft_cost=1.0).choose_k(40, 40, 0, 0, k_cap=4) == (0, False)
     # always: the rule itself, whatever it costs.
-    assert SpeculationPolicy(4, draft_cost=1.0, always=True).choose_k(0, 40, 0, k_cap=3) == 3
+    assert SpeculationPolicy(4, draft_cost=1.0, always=True).choose_k(0, 40, 0, 0, k_cap=3) == (3, False)
 
 
 def test_policy_arithmetic():
@@ -168,8 +172,8 @@ def test_policy_arithmetic():
 
 
 def test_a_draft_that_does_not_pay_is_not_used(pair):
-    """The other-seed draft costs as much as the target: the request decodes plainly but for a probe
-    round every PROBE_EVERY tokens; output still the target's. The int8 draft is used."""
+    """The other-seed draft costs as much as the target: the request decodes plainly but for probe
+    rounds (after 32, then 64 more tokens); output still the target's. The int8 draft is used."""
     from engine.speculative import SpeculationPolicy
     target, int8, other = pair
     params = SamplingParams.greedy(96, stop_at_eos=False)
@@ -177,5 +181,5 @@ def test_a_draft_that_does_not_pay_is_not_used(pair):
             load_generator(target, threads=2, draft=int8) as spec8:
         a, b, c = (g.generate(PROMPT_IDS[0], params) for g in (alone, spec, spec8))
     assert b.token_ids == a.token_ids == c.token_ids
-    assert 0 < b.timings.drafts_proposed <= 96 // SpeculationPolicy.PROBE_EVERY, b.timings.drafts_proposed
+    assert 0 < b.timings.drafts_proposed <= 2, b.timings.drafts_proposed     # probes at 32 and 32 + 64 at most
     assert c.timings.drafts_proposed > 96 // SpeculationPolicy.PROBE_EVERY, c.timings.drafts_proposed
