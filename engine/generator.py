@@ -126,11 +126,15 @@ class Generator:
             tokenizer = Tokenizer.from_file(str(art.tokenizer_path))
         except Exception as e:  # the Rust side raises plain Exceptions for malformed JSON
             raise ArtifactError(f"{art.tokenizer_path} is corrupt ({e}): re-run `gpt2-engine export`") from None
-        be = _load_backend(art, backend, device, threads, backend_options)
-        draft_be, draft_cost = None, 0.35
+        draft_art = None
         if draft is not None:
             draft_art = load_artifact(draft)
             _check_draft(art, draft_art)
+            if backend == "ort":  # target and draft take turns on the same cores: no spinning between runs
+                backend_options = {"spin_after_run": False, **backend_options}
+        be = _load_backend(art, backend, device, threads, backend_options)
+        draft_be, draft_cost = None, 0.35
+        if draft_art is not None:
             draft_be = _load_backend(draft_art, backend, device, threads, backend_options)
             draft_cost = speculation_cost(art.config, art.precision, draft_art.config, draft_art.precision)
         return cls(art, be, tokenizer, time.perf_counter() - t0, max_batch=max_batch, max_queue=max_queue,
