@@ -183,3 +183,18 @@ def test_a_draft_that_does_not_pay_is_not_used(pair):
     assert b.token_ids == a.token_ids == c.token_ids
     assert 0 < b.timings.drafts_proposed <= 2, b.timings.drafts_proposed     # probes at 32 and 32 + 64 at most
     assert c.timings.drafts_proposed > 96 // SpeculationPolicy.PROBE_EVERY, c.timings.drafts_proposed
+
+
+def test_target_and_draft_sessions_stop_spinning_between_runs(pair):
+    """They take turns on the same cores (engine/backends/ort.py, spin_after_run); alone, a model keeps
+    ONNX Runtime's default."""
+    target, int8, _ = pair
+
+    def spin_stop(backend):
+        try:
+            return backend.session.get_session_options().get_session_config_entry("session.force_spinning_stop")
+        except RuntimeError:  # "does not have configuration with key": ORT's default (spinning)
+            return None
+    with load_generator(target, threads=1, draft=int8) as spec, load_generator(target, threads=1) as alone:
+        assert spin_stop(spec.core.backend) == spin_stop(spec.core.draft) == "1"
+        assert spin_stop(alone.core.backend) != "1"
