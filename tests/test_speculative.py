@@ -198,3 +198,18 @@ def test_target_and_draft_sessions_stop_spinning_between_runs(pair):
     with load_generator(target, threads=1, draft=int8) as spec, load_generator(target, threads=1) as alone:
         assert spin_stop(spec.core.backend) == spin_stop(spec.core.draft) == "1"
         assert spin_stop(alone.core.backend) != "1"
+
+
+def test_a_broken_draft_fails_the_load_with_its_own_message(tiny_model, tmp_path):
+    """Target and draft load at once (engine/generator.py _load_pair): a draft that cannot load raises
+    its one-line ArtifactError, naming its directory, and the target's backend is closed."""
+    import shutil
+
+    from engine.errors import ArtifactError
+    from engine.generator import Generator
+    bad = tmp_path / "bad-draft"
+    shutil.copytree(tiny_model.art, bad)
+    (bad / "model.onnx").write_bytes((bad / "model.onnx").read_bytes()[:100])
+    with pytest.raises(ArtifactError, match="truncated or corrupt") as e:
+        Generator.from_pretrained(tiny_model.art, threads=1, draft=bad)
+    assert str(bad) in str(e.value)
