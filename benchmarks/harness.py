@@ -66,6 +66,7 @@ from benchmarks.runners import (
 )
 from benchmarks.stats import percentiles, rates
 from benchmarks.tables import BenchResult, add_ratios, write_outputs
+from engine.backends.ort import PREPACKED_DIR
 from engine.config import GPT2Config
 from engine.errors import InputError
 
@@ -173,7 +174,7 @@ def measure_runner(spec: RunnerSpec, model: PreparedModel, plan: Plan, reference
     loaded = getattr(getattr(runner, "backend", None), "model_file", None)
     if loaded is not None:  # the engine on ORT: model.onnx, or the pre-packed model saved with the export
         loaded = Path(loaded)
-        common_extra["loaded_model_file"] = f"{loaded.parent.name}/{loaded.name}" if loaded.parent.name == "prepacked" \
+        common_extra["loaded_model_file"] = f"{loaded.parent.name}/{loaded.name}" if loaded.parent.name == PREPACKED_DIR \
             else loaded.name
     common_extra.update(rss_baseline_mb=round(baseline, 1), load_peak_rss_mb=round(load_peak, 1), **weights)
     common_extra["setup_s"] = dict(model.setup_s)  # the export / conversion prepare may have added

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import psutil
 
+from engine.backends.ort import PREPACKED_DIR
+
 READ_CHUNK = 1 << 20  # what `cat` does: read() into one reused buffer
 READ_REPEATS = 3
 
@@ -116,7 +118,7 @@ def weight_files(directory: str | Path) -> list[Path]:
 
 def derived_files(directory: str | Path) -> list[Path]:
     """What a load may read instead of the weight files: ONNX Runtime's pre-packed model (prepacked/)."""
-    d = Path(directory) / "prepacked"
+    d = Path(directory) / PREPACKED_DIR
     return sorted(p for p in d.iterdir() if p.is_file()) if d.is_dir() else []
 
 

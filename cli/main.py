@@ -118,7 +118,7 @@ main.add_command(bench_serve)
               help="Speculative decoding: a draft model directory with the same tokenizer (e.g. MODEL's own int8 "
                    "export). Greedy output is unchanged; sampling keeps MODEL's distribution.")
 @click.option("--draft-k", type=click.IntRange(1, 16), default=4, show_default=True,
-              help="Most draft tokens per speculative round (each round takes as many as pay, by measured times).")
+              help="Most draft tokens per speculative round (each takes as many as pay, by acceptance and the draft's cost).")
 @friendly_errors
 def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, greedy, seed, stop,
              stream, batch_file, truncate, backend, device, threads, precision, init, timings, draft, draft_k):

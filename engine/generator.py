@@ -112,9 +112,9 @@ class Generator:
         iteration while other requests decode (None: adaptive, about 3/4 of a decode step's time;
         0: never split a prompt). draft: a model directory with the same tokenizer and vocabulary (e.g.
         the target's own int8 export) for speculative decoding when one request decodes alone: up to
-        `draft_k` tokens proposed per round, as many as pay by what the engine has measured (none when
-        drafting is slower than decoding plainly; engine/speculative.py's SpeculationPolicy, which
-        prices a draft step by the two models' weight bytes); speculate='always': `draft_k` every round
+        `draft_k` tokens proposed per round, as many as pay given the request's acceptance so far and
+        the draft's cost priced by the two models' weight bytes (none when drafting would be slower than
+        decoding plainly; engine/speculative.py's SpeculationPolicy); speculate='always': `draft_k` every round
         (to measure the rule). Greedy output is the target's own, sampling follows its distribution
         exactly, and a seeded request reproduces.
         """
@@ -132,15 +132,14 @@ class Generator:
             _check_draft(art, draft_art)
             if backend == "ort":  # target and draft take turns on the same cores: no spinning between runs
                 backend_options = {"spin_after_run": False, **backend_options}
-        draft_be, draft_cost = None, 0.35
+        speculation = {}
         if draft_art is None:
             be = _load_backend(art, backend, device, threads, backend_options)
         else:
-            be, draft_be = _load_pair(art, draft_art, backend, device, threads, backend_options)
-            draft_cost = speculation_cost(art.config, art.precision, draft_art.config, draft_art.precision)
+            be, speculation["draft"] = _load_pair(art, draft_art, backend, device, threads, backend_options)
+            speculation["draft_cost"] = speculation_cost(art.config, art.precision, draft_art.config, draft_art.precision)
         return cls(art, be, tokenizer, time.perf_counter() - t0, max_batch=max_batch, max_queue=max_queue,
-                   prefill_chunk=prefill_chunk, draft=draft_be, draft_k=draft_k, draft_cost=draft_cost,
-                   speculate=speculate)
+                   prefill_chunk=prefill_chunk, draft_k=draft_k, speculate=speculate, **speculation)
 
     # --- tokens ---------------------------------------------------------------------------------
 
