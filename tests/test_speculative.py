@@ -213,3 +213,22 @@ def test_a_broken_draft_fails_the_load_with_its_own_message(tiny_model, tmp_path
     with pytest.raises(ArtifactError, match="truncated or corrupt") as e:
         Generator.from_pretrained(tiny_model.art, threads=1, draft=bad)
     assert str(bad) in str(e.value)
+
+
+def test_a_client_going_away_mid_speculation_frees_its_slot(pair):
+    """Closing a stream while the request speculates aborts it between rounds, like a plain one: the
+    slot is free, and the next request still gets the target's own greedy tokens."""
+    import time
+    target, int8, _ = pair
+    params = SamplingParams.greedy(200, stop_at_eos=False)
+    with load_generator(target, threads=2, draft=int8, speculate="always") as spec:
+        it = spec.stream(PROMPT_IDS[0], params)
+        next(it), next(it)                                  # drafting rounds are under way
+        it.close()
+        deadline = time.monotonic() + 30
+        while spec.stats().running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert spec.stats().running == 0 and spec.stats().waiting == 0
+        short = SamplingParams.greedy(16, stop_at_eos=False)
+        with load_generator(target, threads=2) as alone:
+            assert spec.generate(PROMPT_IDS[1], short).token_ids == alone.generate(PROMPT_IDS[1], short).token_ids
