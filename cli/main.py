@@ -83,7 +83,7 @@ def inspect(directory, as_json):
 
 main.add_command(inspect, name="info")
 
-from benchmarks.cli import bench, bench_kernels, bench_serve  # noqa: E402  (the harness is imported only when they run)
+from cli.bench import bench, bench_kernels, bench_serve  # noqa: E402  (the harness is imported only when they run)
 
 main.add_command(bench)
 main.add_command(bench_kernels)

@@ -43,8 +43,8 @@ def _python_without(tmp_path: Path, *blocked: str) -> dict:
     return env
 
 
-@pytest.mark.parametrize("command", [["-m", "benchmarks.cli"], ["-m", "cli", "bench"]],
-                         ids=["benchmarks.cli", "gpt2-engine bench"])
+@pytest.mark.parametrize("command", [["-m", "cli.bench"], ["-m", "cli", "bench"]],
+                         ids=["cli.bench", "gpt2-engine bench"])
 def test_bench_without_matplotlib_stops_before_any_work(tmp_path, command):
     env = _python_without(tmp_path, "matplotlib")
     probe = subprocess.run([sys.executable, "-c", "import matplotlib"], env=env, cwd=REPO, capture_output=True)
@@ -63,7 +63,7 @@ def test_bench_without_matplotlib_stops_before_any_work(tmp_path, command):
 def test_bench_kernels_needs_no_optional_library(tmp_path):
     """bench-kernels runs ONNX Runtime's kernels alone: its modules import without any bench extra."""
     env = _python_without(tmp_path, "matplotlib", "torch", "transformers", "ctranslate2")
-    res = subprocess.run([sys.executable, "-c", "import benchmarks.kernel_scaling, benchmarks.cli"],
+    res = subprocess.run([sys.executable, "-c", "import benchmarks.kernel_scaling, cli.bench"],
                          env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
 
@@ -86,7 +86,7 @@ def test_a_blocked_module_counts_as_missing(monkeypatch):
 
 
 def _capture(monkeypatch):
-    from benchmarks import cli
+    from cli import bench as cli
     seen = {}
 
     def fake_run_bench(specs, plan, out, *, work_root, **kw):

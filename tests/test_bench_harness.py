@@ -203,7 +203,7 @@ def test_tiny_end_to_end_writes_records_table_and_plots(tiny, tmp_path):
 # ---- the CLI -------------------------------------------------------------------------------------
 
 def _capture(monkeypatch):
-    from benchmarks import cli
+    from cli import bench as cli
     seen = {}
 
     def fake_run_bench(specs, plan, out, *, work_root, **kw):
@@ -409,7 +409,7 @@ def test_ct2_peer_on_a_bare_checkpoint_dir(tiny, tmp_path):
 
 
 def test_cli_vocabulary_matches_the_harness():
-    from benchmarks import cli
+    from cli import bench as cli
     for name in ("ENGINE_BACKENDS", "PEERS", "DEFAULT_PEERS", "DEFAULT_POSITIONS", "QUICK_POSITIONS"):
         assert getattr(cli, name) == getattr(harness, name), name
 

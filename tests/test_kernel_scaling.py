@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from benchmarks import cli
 from benchmarks.kernel_scaling import AttentionRunner, KernelScaling, LinearRunner, layer_weights, lm_head_weight, measure, report
+from cli import bench as cli
 from engine.config import GPT2Config
 from engine.errors import InputError
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from benchmarks import cli, serve_bench, serve_report
+from benchmarks import serve_bench, serve_report
 from benchmarks.serve_bench import (
     PointRun,
     RequestResult,
@@ -30,6 +30,7 @@ from benchmarks.serve_bench import (
 )
 from benchmarks.serve_report import ServeRecord, add_ratios, markdown_table, read_jsonl, write_outputs
 from benchmarks.stats import percentiles
+from cli import bench as cli
 
 EOS = 50256
 

@@ -1,8 +1,9 @@
-"""`gpt2-engine bench`: the engine beside HF transformers, CTranslate2 and the physical floor.
+"""`gpt2-engine bench`, `bench-kernels`, `bench-serve`: the click commands over the harness (benchmarks/).
 
-Click commands of their own (cli/main.py adds them to the `gpt2-engine` group); `bench` is also
-runnable alone: `python -m benchmarks.cli --quick`. Both check the optional libraries they need
-before any work (benchmarks/extras.py; bench-kernels needs none: ONNX Runtime and onnx are core).
+They live in cli/, the composition root, so that benchmarks/ imports no command-line code (the layers
+import downwards only: docs/ARCHITECTURE.md); cli/main.py adds them to the `gpt2-engine` group, and
+`bench` is also runnable alone: `python -m cli.bench --quick`. Each checks the optional libraries it
+needs before any work (benchmarks/extras.py; bench-kernels needs none: ONNX Runtime and onnx are core).
 """
 
 from __future__ import annotations
