@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Sequence
 
-from engine.errors import BackendUnavailable
+from engine.errors import BackendUnavailable, install_hint
 
-INSTALL = "pip install 'gpt2-engine[bench]'"
+INSTALL = install_hint("bench")
 # What `gpt2-engine bench` needs whatever its options: (import names, what for).
 ALWAYS = ((("matplotlib",), "plots"),
           (("transformers", "torch"), "the HF reference every runner is validated against"))

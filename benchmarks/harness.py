@@ -68,7 +68,7 @@ from benchmarks.stats import percentiles, rates
 from benchmarks.tables import BenchResult, add_ratios, write_outputs
 from engine.backends.ort import PREPACKED_DIR
 from engine.config import GPT2Config
-from engine.errors import InputError
+from engine.errors import InputError, install_hint
 
 DEFAULT_POSITIONS = (16, 128, 256, 512, 900, 1000)
 QUICK_POSITIONS = (16, 256, 900)
@@ -149,7 +149,7 @@ def measure_runner(spec: RunnerSpec, model: PreparedModel, plan: Plan, reference
 
     if reference is None:
         return untimed("skipped: no reference to validate against (HF transformers + torch are needed: "
-                       "`pip install 'gpt2-engine[bench]'`)")
+                       f"{install_hint('bench')})")
 
     rss = PeakRss()
     phase = "prepare"

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from cli.errors import friendly_errors
+from engine.errors import install_hint
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -204,9 +205,9 @@ def _serve_on_ray(model, **options) -> int:
         from server.ray_app import RayDeployError, serve_from_cli
     except ImportError as e:
         msg = str(e)
-        raise click.ClickException(msg if "gpt2-engine[ray]" in msg else
+        raise click.ClickException(msg if msg.startswith("Ray Serve is not installed") else
                                    f"gpt2-engine serve --ray needs the [serve] and [ray] extras ({e}): "
-                                   "pip install -e '.[serve,ray]'") from None
+                                   f"{install_hint('serve', 'ray')}") from None
     num_cpus = options.pop("num_cpus")
     try:
         return serve_from_cli(model, **options, **({"num_cpus": num_cpus} if num_cpus is not None else {}),
@@ -266,7 +267,7 @@ def serve(model, host, port, max_batch, max_queue, api_key, cors_origins, served
     try:
         from server.run import serve as run_server
     except ImportError as e:
-        raise click.ClickException(f"gpt2-engine serve needs the [serve] extra ({e}): pip install -e '.[serve]'") from None
+        raise click.ClickException(f"gpt2-engine serve needs the [serve] extra ({e}): {install_hint('serve')}") from None
     raise SystemExit(run_server(model, host=host, port=port, max_batch=max_batch, max_queue=max_queue, api_key=api_key,
                                 cors_origins=tuple(cors_origins), served_model_name=served_model_name, threads=threads,
                                 precision=precision, init=init, drain_timeout_s=drain_timeout,

@@ -28,3 +28,23 @@ class EngineOverloaded(EngineError):
 
 class EngineClosed(EngineError):
     """The engine was closed while the request waited or ran, or before it was submitted."""
+
+
+# gpt2-engine is installed from its checkout (the package is not published): an extra is `pip install -e
+# '.[extra]'` run there. The extras that pull torch get the CPU build first, as the Makefile installs it (a
+# torch resolved by the extra alone is the multi-GB CUDA build: a 6 GB venv instead of 2 GB).
+# tests/test_install_hints.py checks these against the Makefile and pyproject.toml.
+CPU_TORCH = "torch==2.13.0"
+TORCH_EXTRAS = ("bench", "test")
+MAKE_EXTRAS = ("test", "bench", "hub", "serve", "ray")   # what `make .venv/.installed` installs
+
+
+def install_hint(*extras: str) -> str:
+    """The command that installs these extras from the checkout, for an error message's fix."""
+    cmd = f"pip install -e '.[{','.join(extras)}]'"
+    if any(e in TORCH_EXTRAS for e in extras):
+        cmd = f"pip install {CPU_TORCH} && {cmd}"
+    hint = f"`{cmd}` in the gpt2-engine checkout"
+    if all(e in MAKE_EXTRAS for e in extras):
+        hint += " (or `make .venv/.installed` there: a .venv with every extra)"
+    return hint

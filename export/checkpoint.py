@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import HUB_IDS, SIZES, GPT2Config, canonical_size_name
-from engine.errors import CheckpointError
+from engine.errors import CPU_TORCH, CheckpointError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Buffers some checkpoints carry that are not weights (the causal mask of old transformers versions).
@@ -121,8 +121,8 @@ def _read_weights(path: Path) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError:
-        raise CheckpointError(f"{path} is a PyTorch pickle: install torch (`pip install torch`) or convert the "
-                              "checkpoint to model.safetensors") from None
+        raise CheckpointError(f"{path} is a PyTorch pickle: install torch (the CPU build: `pip install {CPU_TORCH}`) "
+                              "or convert the checkpoint to model.safetensors") from None
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated/corrupt pickles

@@ -49,7 +49,8 @@ try:
     from ray import serve
     from ray.serve.config import HTTPOptions  # noqa: F401 -- imported here so a partial install fails now
 except ImportError as e:  # one line, with the fix
-    raise ImportError(f"Ray Serve is not installed ({e}): pip install 'gpt2-engine[ray]'") from None
+    from engine.errors import install_hint
+    raise ImportError(f"Ray Serve is not installed ({e}): {install_hint('serve', 'ray')}") from None
 
 from server.app import ServerState, create_app
 

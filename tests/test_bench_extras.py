@@ -101,7 +101,7 @@ def test_missing_ctranslate2_names_the_peers_and_how_to_leave_them_out(monkeypat
     monkeypatch.setattr(extras, "importable", lambda name: name != "ctranslate2")
     res = CliRunner().invoke(cli.bench, ["--quick", "--out", str(tmp_path / "o"), "--work-dir", str(tmp_path / "w")])
     assert res.exit_code == 1 and not seen
-    assert "ctranslate2 (the CTranslate2 peers)" in res.output and "pip install 'gpt2-engine[bench]'" in res.output
+    assert "ctranslate2 (the CTranslate2 peers)" in res.output and "pip install torch==2.13.0 && pip install -e '.[bench]'" in res.output
     assert "--peer hf" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(cli.bench, ["--quick", "--peer", "hf", "--out", str(tmp_path / "o"),
                                          "--work-dir", str(tmp_path / "w")])

@@ -195,7 +195,7 @@ def test_ray_not_installed_is_one_line():
     code = "import sys; sys.modules['ray'] = None\ntry:\n import server.ray_app\nexcept ImportError as e:\n print(e)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "Ray Serve is not installed" in out.stdout and "pip install 'gpt2-engine[ray]'" in out.stdout
+    assert "Ray Serve is not installed" in out.stdout and "pip install -e '.[serve,ray]'" in out.stdout
     assert len(out.stdout.strip().splitlines()) == 1
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from engine import artifact as io
 from engine.artifact import Artifact, load_artifact
 from engine.config import GPT2Config
-from engine.errors import ArtifactError, BackendUnavailable, InputError
+from engine.errors import ArtifactError, BackendUnavailable, InputError, install_hint
 
 PREFILL, DECODE = 0, 1
 PROFILE_NAMES = ("prefill", "decode")
@@ -120,8 +120,8 @@ TRT_MIN_VERSION = (10, 15)   # first release whose parser maps TensorScatter to 
 INSTALL_HINT = (
     "the TensorRT backend needs TensorRT >= 10.15 and pycuda with an NVIDIA GPU and driver: "
     "`pip install tensorrt-cu12 pycuda` (or tensorrt-cu13 for CUDA 13; the wheels fetch NVIDIA's libraries "
-    "from pypi.nvidia.com), or `pip install 'gpt2-engine[trt]'`; or install TensorRT from NVIDIA's "
-    "tar/deb packages and its Python wheel. Without a GPU use `--backend ort`"
+    f"from pypi.nvidia.com), or {install_hint('trt')}; or install TensorRT from NVIDIA's "
+    "tar/deb packages and its Python wheel"
 )
 
 
