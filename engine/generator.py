@@ -80,6 +80,9 @@ class GenerationOutput:
     finish_reason: str              # "eos" | "length" | "stop" | "context" | "deadline" | "abort"
     timings: Timings
     logprobs: list[TokenLogprob] | None = None  # one per generated token when params.logprobs is set
+    # One per prompt token when params.prompt_logprobs is set, from the prefill forward; None for the first
+    # token (nothing predicts it)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class Generator:
@@ -172,7 +175,7 @@ class Generator:
                                  f"({ctx} tokens): shorten the prompt, lower max_new_tokens to at most "
                                  f"{max(ctx - len(ids), 0)}, or truncate from the left (truncate='left', "
                                  "CLI --truncate left)")
-        return new_row(ids, params, self.tokenizer)
+        return new_row(ids, params.for_model(self.config.eos_token_id, self.config.vocab_size), self.tokenizer)
 
     def _rows(self, prompts, params, truncate) -> list[RowState]:
         if isinstance(params, SamplingParams) or params is None:
@@ -191,8 +194,9 @@ class Generator:
         timings = Timings(self.load_s, admitted - r.submitted, (t[0] if t else r.finished) - r.submitted,
                           tuple(float(b - a) for a, b in zip(t, t[1:])), r.finished - r.submitted,
                           r.drafts_proposed, r.drafts_accepted)
+        prompt_lp = getattr(r, "prompt_logprobs", None)   # set by the core's prefill when params.prompt_logprobs is
         return GenerationOutput(row.text, list(row.generated), list(row.prompt_ids), row.finish_reason, timings,
-                                r.logprobs)
+                                r.logprobs, None if prompt_lp is None else list(prompt_lp))
 
     def _submit(self, rows: list[RowState], sink, deadline_s: float | None) -> list[Request]:
         if deadline_s is not None and not (isinstance(deadline_s, (int, float)) and deadline_s > 0):

@@ -31,6 +31,7 @@ class RowState:
     generated: list[int] = field(default_factory=list)
     text: str = ""             # detokenized generated text (complete characters only, until the end)
     emitted: int = 0           # chars of `text` already handed to a stream consumer
+    stop_scanned: int = 0      # no stop string ends within text[:stop_scanned] (searched, or before min_tokens)
     finish_reason: str | None = None
 
     @property
@@ -93,26 +94,46 @@ def decode_step(backend: Backend, cache, tokens: np.ndarray, positions: np.ndarr
 
 
 def _stop_hit(row: RowState) -> bool:
-    """Cut the text at the first stop string (excluded from the output, as OpenAI and vLLM do)."""
+    """Cut the text at the earliest stop string (excluded from the output, as OpenAI and vLLM do).
+
+    Only text not searched before: a match must end past `stop_scanned`. Below min_tokens nothing is
+    searched (the scan mark just follows the text), so a stop string counts only if it ends in the text of
+    a token after the first min_tokens, as vLLM checks them.
+    """
+    if len(row.generated) <= row.params.min_tokens:
+        row.stop_scanned = len(row.text)
+        return False
+    best = -1
     for s in row.params.stop:
-        at = row.text.find(s)
-        if at >= 0:
-            row.text = row.text[:at]
-            return True
-    return False
+        at = row.text.find(s, max(row.stop_scanned - len(s) + 1, 0))
+        if at >= 0 and (best < 0 or at < best):
+            best = at
+    row.stop_scanned = len(row.text)
+    if best < 0:
+        return False
+    row.text = row.text[:best]
+    return True
 
 
 def advance(row: RowState, token: int, eos_id: int, position: int, capacity: int) -> None:
-    """Record a sampled token and decide whether the row is finished."""
-    if row.params.stop_at_eos and token == eos_id:
-        row.finish_reason = "eos"
-        row.text += row.detok.flush()
-        return
+    """Record a sampled token and decide whether the row is finished.
+
+    <|endoftext|> (unless stop_at_eos is off) and the stop token ids end the row without entering its text or
+    token ids; below min_tokens they do not end it (sampling masks them there: see `sampling._adjust`).
+    """
+    params = row.params
+    if len(row.generated) >= params.min_tokens:
+        reason = "eos" if params.stop_at_eos and token == eos_id else "stop" if token in params.stop_token_ids else None
+        if reason is not None:
+            row.finish_reason = reason
+            row.text += row.detok.flush()
+            _stop_hit(row)        # the flushed tail may complete a stop string: cut there too
+            return
     row.generated.append(token)
     row.text += row.detok.push(token)
     if _stop_hit(row):
         row.finish_reason = "stop"
-    elif len(row.generated) >= row.params.max_new_tokens:
+    elif len(row.generated) >= params.max_new_tokens:
         row.finish_reason = "length"
     elif position + 1 >= capacity:  # the next token would have no slot: the context is full
         row.finish_reason = "context"

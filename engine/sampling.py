@@ -15,11 +15,13 @@ sorting and softmax run on the survivors only.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
 from engine.errors import InputError
+
+MAX_LOGPROBS = 20   # top alternatives per token at most (logprobs, prompt_logprobs), as vLLM's default limit
 
 
 @dataclass(frozen=True)
@@ -33,11 +35,21 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 0; 1 disables; > 1 discourages tokens already in the context
     seed: int | None = None          # >= 0, or None for a fresh nondeterministic seed
     stop: tuple[str, ...] = ()       # non-empty strings; generation ends before the first match
-    stop_at_eos: bool = True         # end the row at <|endoftext|>
+    stop_at_eos: bool = True         # end the row at <|endoftext|> (vLLM's ignore_eos=True is stop_at_eos=False)
     presence_penalty: float = 0.0    # in [-2, 2]; subtracted once from each token already generated (OpenAI)
     frequency_penalty: float = 0.0   # in [-2, 2]; subtracted per occurrence of a generated token (OpenAI)
     logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100], added to its logit (OpenAI)
     logprobs: int | None = None      # None, or 0..20: report each token's logprob and this many top alternatives
+    # in [0, max_new_tokens]: tokens generated before <|endoftext|>, a stop token or a stop string may end the
+    # row; below it those tokens are masked out of sampling (vLLM's min_tokens)
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()  # token ids >= 0 (< the vocabulary: checked by the Generator); the row
+                                          # ends when one is sampled, which is then in neither text nor token_ids
+    prompt_logprobs: int | None = None    # None, or 0..20: each prompt token's logprob and this many top
+                                          # alternatives, from the prefill forward (vLLM's prompt_logprobs)
+    # The model's <|endoftext|> id, which min_tokens masks while stop_at_eos: None until the Generator sets
+    # its model's at submission (as vLLM takes it from the model's generation config); not a caller's setting.
+    eos_token_id: int | None = None
 
     def __post_init__(self) -> None:
         # A bare string is one stop string (vLLM accepts str | list[str]), not a tuple of characters.
@@ -89,10 +101,26 @@ class SamplingParams:
                     raise InputError(f"logit_bias values must be in [-100, 100], got {v} for token {tid}")
                 bias[tid] = float(v)
             object.__setattr__(self, "logit_bias", bias or None)
-        if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs)
-            if not 0 <= self.logprobs <= 20:
-                raise InputError(f"logprobs must be in [0, 20] (top alternatives per token), got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value)
+                if not 0 <= value <= MAX_LOGPROBS:
+                    raise InputError(f"{name} must be in [0, {MAX_LOGPROBS}] (top alternatives per token), got {value}")
+        _check_int("min_tokens", self.min_tokens)
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise InputError(f"min_tokens must be in [0, max_new_tokens], got {self.min_tokens} "
+                             f"(max_new_tokens is {self.max_new_tokens})")
+        ids = self.stop_token_ids
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple)):
+            raise InputError(f"stop_token_ids must be a list of token ids, got {ids!r}")
+        for t in ids:
+            _check_int("stop_token_ids", t)
+            if t < 0:
+                raise InputError(f"stop_token_ids must be token ids >= 0, got {t}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
+        if self.eos_token_id is not None:
+            _check_int("eos_token_id", self.eos_token_id)
 
     def __hash__(self) -> int:  # logit_bias is a dict: hash its items (equal parameters, equal hashes)
         bias = tuple(sorted(self.logit_bias.items())) if self.logit_bias else None
@@ -100,8 +128,27 @@ class SamplingParams:
 
     @property
     def reads_outputs(self) -> bool:
-        """Whether sampling needs the row's generated ids (presence/frequency penalties)."""
-        return self.presence_penalty != 0 or self.frequency_penalty != 0
+        """Whether sampling needs the row's generated ids (presence/frequency penalties; min_tokens counts them)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.min_tokens > 0
+
+    @property
+    def min_tokens_masked(self) -> tuple[int, ...]:
+        """The ids sampling masks while fewer than min_tokens are generated: stop tokens, and eos unless ignored."""
+        eos = (self.eos_token_id,) if self.stop_at_eos and self.eos_token_id is not None else ()
+        return self.stop_token_ids + eos
+
+    def for_model(self, eos_token_id: int, vocab_size: int) -> SamplingParams:
+        """These parameters checked against a model's vocabulary, with its <|endoftext|> id set (the Generator
+        calls this for every request)."""
+        for t in self.stop_token_ids:
+            if t >= vocab_size:
+                raise InputError(f"stop_token_ids: token id {t} is outside the vocabulary [0, {vocab_size})")
+        if self.eos_token_id == eos_token_id:
+            return self
+        if self.eos_token_id is not None:
+            raise InputError(f"eos_token_id is set from the model ({eos_token_id}): leave it None, got "
+                             f"{self.eos_token_id}")
+        return replace(self, eos_token_id=eos_token_id)
 
     @property
     def is_greedy(self) -> bool:
@@ -154,17 +201,25 @@ def _nucleus_size(sorted_probs: np.ndarray, top_p: float) -> int:
 
 
 def _adjust(logits: np.ndarray, params: SamplingParams, output_ids: np.ndarray | None) -> np.ndarray:
-    """OpenAI's additive adjustments: presence/frequency penalties on the generated ids, then logit_bias."""
-    if not params.reads_outputs and not params.logit_bias:
+    """OpenAI's additive adjustments: presence/frequency penalties on the generated ids, then logit_bias;
+    then min_tokens: eos and the stop tokens at -inf while fewer than min_tokens are generated (vLLM's
+    MinTokensLogitsProcessor), after the bias so that no bias can bring them back. output_ids None: none yet."""
+    n_out = 0 if output_ids is None else len(output_ids)
+    penalties = params.presence_penalty != 0 or params.frequency_penalty != 0
+    masked = params.min_tokens_masked if n_out < params.min_tokens else ()
+    if not penalties and not params.logit_bias and not masked:
         return logits
     out = logits.copy()                                            # (V,)
-    if params.reads_outputs and output_ids is not None and len(output_ids):
+    if penalties and n_out:
         ids, counts = np.unique(np.asarray(output_ids, np.int64), return_counts=True)
         out[ids] -= np.float32(params.presence_penalty) + np.float32(params.frequency_penalty) * counts
     if params.logit_bias:
         ids = np.fromiter(params.logit_bias, np.int64)
         keep = ids < out.shape[0]                                  # ids past the vocabulary select nothing
         out[ids[keep]] += np.fromiter(params.logit_bias.values(), np.float32)[keep]
+    if masked:
+        ids = np.asarray(masked, np.int64)
+        out[ids[ids < out.shape[0]]] = -np.inf
     return out
 
 
@@ -241,7 +296,7 @@ def sample_next(logits: np.ndarray, params: list[SamplingParams], contexts: list
     params:   B SamplingParams; rows of one batch may differ
     contexts: B int arrays, each row's prompt + generated ids (for the repetition penalty; None: no penalty)
     rngs:     B generators; a row left with one candidate (greedy, say) does not consume its RNG
-    outputs:  B int arrays of each row's generated ids (presence/frequency penalties), or None
+    outputs:  B int arrays of each row's generated ids (presence/frequency penalties, min_tokens), or None
     returns:  int64 (B,)
     """
     B = logits.shape[0]
@@ -272,3 +327,44 @@ def top_logprobs(logits: np.ndarray, token: int, n: int) -> tuple[float, list[tu
         part = np.argpartition(-x, n - 1)[:n]                      # (n,) unordered
         top = [(int(i), float(x[i] - lse)) for i in part[np.argsort(-x[part], kind="stable")]]
     return float(x[token] - lse), top
+
+
+def sequence_logprobs(logits: np.ndarray, next_ids: np.ndarray, k: int,
+                      rows: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vectorised `top_logprobs` over a whole sequence: row t's log-softmax (raw logits) at next_ids[t], and
+    its k most likely ids with their logprobs, most likely first.
+
+    logits:   float32 (T, V), e.g. a prefill forward's logits at every prompt position
+    next_ids: int64 (T,), the token each row is scored on (for prompt logprobs: the prompt shifted by one)
+    returns:  (logprob float32 (T,), top ids int64 (T, k), top logprobs float32 (T, k))
+
+    The top k of the logits are the top k of the log-softmax (one shift per row), so the full (T, V)
+    log-softmax is never formed: one exp pass for each row's log-sum-exp (summed in float64, as
+    `top_logprobs` does) and one argpartition per row; `rows` rows at a time bound the temporaries
+    (64 x 50257 float32: 13 MB).
+    """
+    x = np.asarray(logits, np.float32)                             # (T, V)
+    nxt = np.asarray(next_ids, np.int64)                           # (T,)
+    T, V = x.shape
+    assert nxt.shape == (T,), (nxt.shape, T)
+    assert 0 <= k <= V, (k, V)
+    lp = np.empty(T, np.float32)                                   # (T,)
+    top_ids = np.empty((T, k), np.int64)                           # (T, k)
+    top_lp = np.empty((T, k), np.float32)                          # (T, k)
+    for s in range(0, T, rows):
+        c = x[s:s + rows]                                          # (R, V)
+        m = c.max(axis=-1, keepdims=True)                          # (R, 1)
+        lse = m[:, 0] + np.log(np.exp(c - m).sum(axis=-1, dtype=np.float64))     # (R,) float64
+        r = np.arange(len(c))
+        lp[s:s + rows] = c[r, nxt[s:s + rows]] - lse
+        if k == 0:
+            continue
+        if k == 1:
+            part = c.argmax(axis=-1)[:, None]                      # (R, 1)
+        else:
+            part = np.argpartition(c, V - k, axis=-1)[:, V - k:]   # (R, k) unordered
+            vals = np.take_along_axis(c, part, axis=-1)            # (R, k)
+            part = np.take_along_axis(part, np.argsort(-vals, axis=-1, kind="stable"), axis=-1)
+        top_ids[s:s + rows] = part
+        top_lp[s:s + rows] = np.take_along_axis(c, part, axis=-1) - lse[:, None]
+    return lp, top_ids, top_lp

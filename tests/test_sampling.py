@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engine.errors import InputError
-from engine.sampling import SamplingParams, logits_to_probs, make_rng, sample_next
+from engine.sampling import SamplingParams, logits_to_probs, make_rng, sample_next, sequence_logprobs, top_logprobs
 
 V = 50257  # GPT-2's vocabulary, so the full-width code paths are the ones exercised
 
@@ -37,6 +37,14 @@ def gpt2_like_logits(seed: int, scale: float = 3.0, width: int = V) -> np.ndarra
     (dict(top_k=2.5), "top_k must be an int, got 2.5"),
     (dict(max_new_tokens=True), "max_new_tokens must be an int, got True"),
     (dict(seed=-1), "seed must be >= 0 or None, got -1"),
+    (dict(max_new_tokens=4, min_tokens=5), "min_tokens must be in [0, max_new_tokens], got 5 (max_new_tokens is 4)"),
+    (dict(min_tokens=-1), "min_tokens must be in [0, max_new_tokens], got -1 (max_new_tokens is 64)"),
+    (dict(min_tokens=1.0), "min_tokens must be an int, got 1.0"),
+    (dict(stop_token_ids=[5, -2]), "stop_token_ids must be token ids >= 0, got -2"),
+    (dict(stop_token_ids=[True]), "stop_token_ids must be an int, got True"),
+    (dict(stop_token_ids=7), "stop_token_ids must be a list of token ids, got 7"),
+    (dict(prompt_logprobs=21), "prompt_logprobs must be in [0, 20] (top alternatives per token), got 21"),
+    (dict(logprobs=-1), "logprobs must be in [0, 20] (top alternatives per token), got -1"),
 ])
 def test_bad_parameters_name_the_range(kwargs, message):
     with pytest.raises(InputError) as e:
@@ -56,6 +64,18 @@ def test_defaults_and_conversions():
     assert g.is_greedy and g.max_new_tokens == 5
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.top_k = 3  # frozen: a request's parameters cannot change under it
+    assert (p.min_tokens, p.stop_token_ids, p.prompt_logprobs, p.eos_token_id) == (0, (), None, None)
+    assert SamplingParams(stop_token_ids=[3, np.int64(9)]).stop_token_ids == (3, 9)
+
+
+def test_for_model_sets_eos_and_checks_the_vocabulary():
+    p = SamplingParams(stop_token_ids=[10])
+    bound = p.for_model(50256, V)
+    assert bound.eos_token_id == 50256 and bound.for_model(50256, V) is bound
+    with pytest.raises(InputError, match=r"stop_token_ids: token id 10 is outside the vocabulary \[0, 10\)"):
+        p.for_model(9, 10)
+    with pytest.raises(InputError, match="eos_token_id is set from the model"):
+        SamplingParams(eos_token_id=3).for_model(50256, V)
 
 
 # --- support and determinism -----------------------------------------------------------------------
@@ -240,3 +260,49 @@ def test_sampled_frequencies_match_hf_processors():
     x2 = N * np.sum((freq - p) ** 2 / p)
     assert tv < tv_bound, (tv, expected_tv)
     assert x2 < x2_bound, (x2, x2_bound)
+
+
+# --- min_tokens: eos and the stop tokens masked until enough are generated (vLLM's MinTokensLogitsProcessor) --
+
+EOS = 50256
+
+
+@pytest.mark.parametrize("params", [SamplingParams.greedy(), SamplingParams(top_k=0, seed=0),
+                                    SamplingParams(top_k=5, top_p=0.9, seed=0)], ids=["greedy", "full", "top-k-p"])
+def test_min_tokens_masks_eos_and_stop_tokens_until_reached(params):
+    logits = gpt2_like_logits(30)
+    best = np.argsort(-logits)[:3]
+    logits[EOS] = logits[best[0]] + 5.0                            # eos is the favourite ...
+    stop = int(best[0])                                            # ... then a stop token
+    p = dataclasses.replace(params, min_tokens=2, stop_token_ids=(stop,), max_new_tokens=8).for_model(EOS, V)
+    assert p.reads_outputs                                        # the loop passes the generated ids
+    for n_out, masked in [(0, True), (1, True), (2, False), (5, False)]:
+        probs = logits_to_probs(logits, p, None, np.zeros(n_out, np.int64))
+        assert (probs[EOS] == 0 and probs[stop] == 0) == masked, (n_out, probs[EOS], probs[stop])
+        if masked:
+            assert probs.sum() == pytest.approx(1.0)
+    # Without eos known (no Generator), or with eos ignored, only the stop tokens are masked.
+    for q in (dataclasses.replace(p, eos_token_id=None), dataclasses.replace(p, stop_at_eos=False)):
+        probs = logits_to_probs(logits, q, None, np.zeros(1, np.int64))
+        assert probs[EOS] > 0 and probs[stop] == 0
+    # No bias brings a masked token back.
+    biased = dataclasses.replace(p, logit_bias={EOS: 100.0})
+    assert logits_to_probs(logits, biased, None, np.zeros(1, np.int64))[EOS] == 0
+
+
+def test_sequence_logprobs_equals_top_logprobs_row_by_row():
+    rng = np.random.default_rng(0)
+    logits = np.stack([gpt2_like_logits(s) for s in range(70)])    # (70, V): two chunks of 64 rows
+    logits[3, :5] = logits[3].max() + 1.0                          # a tie at the top
+    nxt = rng.integers(0, V, 70)
+    for k in (0, 1, 5):
+        lp, ids, top = sequence_logprobs(logits, nxt, k)
+        assert lp.dtype == np.float32 and ids.shape == top.shape == (70, k) and ids.dtype == np.int64
+        for t in range(70):
+            want, want_top = top_logprobs(logits[t], int(nxt[t]), k)
+            assert lp[t] == pytest.approx(want, abs=1e-5)
+            assert top[t].tolist() == pytest.approx([v for _, v in want_top], abs=1e-5)
+            if t != 3:                                             # tied ids may come in either order
+                assert ids[t].tolist() == [i for i, _ in want_top]
+            assert np.all(np.diff(top[t]) <= 0)                    # most likely first
+        assert set(ids[3].tolist()) <= set(range(5))
