@@ -66,6 +66,9 @@ class Plan:
     stream: bool
     include_usage: bool
     user: str | None = None
+    # echo + logprobs with tokens to generate, not streamed: the engine gives the prompt's logprobs from the
+    # prefill forward that also samples the first token (one forward); else one teacher-forced scoring forward
+    engine_prompt_logprobs: bool = False
 
 
 @dataclass
@@ -77,7 +80,8 @@ class ChoiceState:
     finish_reason: str | None = None
     logprobs: LogprobsBuilder | None = None
     done: bool = False
-    chunks: list[dict] = field(default_factory=list)   # logprobs parts (non-streaming: merged at the end)
+    token_logprobs: list = field(default_factory=list)  # the engine's TokenLogprobs (non-streaming: built at the end)
+    output: object = None                               # the engine's GenerationOutput, once finished
 
 
 def build_plan(req: CompletionRequest, gen, model_name: str, capacity: int) -> Plan:
@@ -101,6 +105,9 @@ def build_plan(req: CompletionRequest, gen, model_name: str, capacity: int) -> P
                           "max_tokens")
     if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
         raise bad_request(f"logprobs must be in [0, {MAX_LOGPROBS}], got {req.logprobs}", "logprobs")
+    if req.min_tokens is not None and not 0 <= req.min_tokens <= max_tokens:
+        raise bad_request(f"min_tokens must be in [0, max_tokens], got {req.min_tokens} (max_tokens is {max_tokens})",
+                          "min_tokens")
     for name, (lo, hi) in RANGES.items():
         v = getattr(req, name)
         if v is not None and not lo <= v <= hi:
@@ -120,18 +127,21 @@ def build_plan(req: CompletionRequest, gen, model_name: str, capacity: int) -> P
     base = None
     if max_tokens > 0:
         base = _params(req, max_tokens, gen.config.vocab_size)
+    engine_prompt_lp = base is not None and echo and req.logprobs is not None and not req.stream
     choices = []
     for pi in range(len(prompts)):
         for j in range(n):
             params = None
             if base is not None:
                 params = base if base.seed is None or j == 0 else _replace(base, seed=base.seed + j)
+                if engine_prompt_lp and j == 0:   # the prompt's logprobs once per prompt: its other choices share them
+                    params = _replace(params, prompt_logprobs=req.logprobs)
             choices.append(Choice(pi * n + j, pi, params))
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed with stream=true", "stream_options")
     return Plan(f"cmpl-{uuid.uuid4().hex}", int(time.time()), model_name, prompts, choices, echo, req.logprobs,
-                bool(req.stream), include_usage, req.user)
+                bool(req.stream), include_usage, req.user, engine_prompt_lp)
 
 
 def _prompts(prompt, gen) -> list[Prompt]:
@@ -176,6 +186,9 @@ def _params(req: CompletionRequest, max_tokens: int, vocab: int) -> SamplingPara
             if not lo <= v <= hi:
                 raise bad_request(f"logit_bias values must be in [{lo:g}, {hi:g}], got {v} for token {tok}", "logit_bias")
             bias[tok] = float(v)
+    for tok in req.stop_token_ids or ():
+        if not 0 <= tok < vocab:
+            raise bad_request(f"stop_token_ids: token id {tok} is outside the vocabulary [0, {vocab})", "stop_token_ids")
     kwargs = dict(
         max_new_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -184,6 +197,9 @@ def _params(req: CompletionRequest, max_tokens: int, vocab: int) -> SamplingPara
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         seed=req.seed,
         stop=tuple(req.stop or ()),
+        stop_at_eos=not req.ignore_eos,
+        min_tokens=req.min_tokens or 0,
+        stop_token_ids=tuple(req.stop_token_ids or ()),
         presence_penalty=0.0 if req.presence_penalty is None else req.presence_penalty,
         frequency_penalty=0.0 if req.frequency_penalty is None else req.frequency_penalty,
         logit_bias=bias,
@@ -354,17 +370,39 @@ class CompletionResponse(Response):
         self.state.metrics.admitted(len(self.plan.prompts[st.choice.prompt].ids))
 
     async def _echo_logprobs(self) -> None:
-        """Prompt logprobs (teacher-forced, off the engine loop), once per distinct prompt."""
-        if not (self.plan.echo and self.plan.logprobs is not None):
+        """Prompt logprobs from one teacher-forced scoring forward per distinct prompt (off the engine loop):
+        for max_tokens 0 (nothing to generate) and streams (their first chunk carries the prompt's logprobs
+        before any token exists); the other echo requests get them from the engine (`_engine_prompt_logprobs`)."""
+        if not (self.plan.echo and self.plan.logprobs is not None) or self.plan.engine_prompt_logprobs:
             return
-        k = self.plan.logprobs
         for pi in sorted({c.prompt for c in self.plan.choices}):
+            await self._score_prompt(pi)
+
+    async def _score_prompt(self, pi: int) -> None:
+        ids = self.plan.prompts[pi].ids
+        logits = await asyncio.to_thread(self.gen.logits, ids)                         # (T, V)
+        self._prompt_lp[pi] = await asyncio.to_thread(prompt_logprobs, logits, ids, self.plan.logprobs)
+
+    async def _engine_prompt_logprobs(self) -> None:
+        """Each prompt's logprobs from the engine's output (its prefill forward scored the prompt)."""
+        if not self.plan.engine_prompt_logprobs:
+            return
+        for st in self.states:
+            out = st.output
+            pi = st.choice.prompt
+            if pi in self._prompt_lp or st.choice.params.prompt_logprobs is None:
+                continue
+            lps = getattr(out, "prompt_logprobs", None)
+            if lps is None:   # an engine core that does not score prompts: one scoring forward instead
+                await self._score_prompt(pi)
+                continue
             ids = self.plan.prompts[pi].ids
-            logits = await asyncio.to_thread(self.gen.logits, ids)
-            self._prompt_lp[pi] = prompt_logprobs(logits, ids, k)
+            assert len(lps) == len(ids), (len(lps), len(ids))
+            self._prompt_lp[pi] = [(ids[0], None, [])] + [(t.token_id, t.logprob, t.top) for t in lps[1:]]
 
     def _start_choice(self, st: ChoiceState) -> str:
-        """The text a choice starts with (the prompt, with echo) and its logprobs builder."""
+        """The text a choice starts with (the prompt, with echo), put before what it has so far, and its
+        logprobs builder (the prompt's entries, then the tokens' that arrived before it)."""
         prompt = self.plan.prompts[st.choice.prompt]
         head = prompt.text if self.plan.echo else ""
         if self.plan.logprobs is not None:
@@ -373,9 +411,10 @@ class CompletionResponse(Response):
                 st.logprobs.add(tok, lp, top)
             if self.plan.echo:
                 st.logprobs.offset = len(head)   # offsets count the text as sent (the prompt as given)
+            st.logprobs.add_engine(st.token_logprobs)
         if st.choice.params is None:          # echo-only scoring
             st.finish_reason, st.done = "length", True
-        st.text = head
+        st.text = head + st.text
         return head
 
     def _apply(self, st: ChoiceState, d) -> None:
@@ -384,8 +423,13 @@ class CompletionResponse(Response):
                               "retry on another instance", "server_shutting_down")
         st.text += d.text
         st.n_tokens += len(d.token_ids)
-        if st.logprobs is not None and d.logprobs:
-            st.logprobs.add_engine(d.logprobs)
+        if d.logprobs:
+            if st.logprobs is not None:
+                st.logprobs.add_engine(d.logprobs)
+            else:                            # not streaming: built after the prompt's entries, at the end
+                st.token_logprobs.extend(d.logprobs)
+        if d.output is not None:
+            st.output = d.output
         if d.finish_reason is not None:
             st.finish_reason = FINISH.get(d.finish_reason, d.finish_reason)
             st.done = True
@@ -411,8 +455,6 @@ class CompletionResponse(Response):
     async def _complete(self, send, streams: list) -> None:
         opened = self._open(streams)
         await self._echo_logprobs()
-        for st in self.states:
-            self._start_choice(st)
 
         async def drain(st, it):
             d = await self._next(it)
@@ -423,6 +465,9 @@ class CompletionResponse(Response):
                 self._apply(st, d)
 
         await gather_or_cancel([drain(st, it) for st, it in opened])
+        await self._engine_prompt_logprobs()
+        for st in self.states:
+            self._start_choice(st)
         choices = [{"index": st.choice.index, "text": st.text,
                     "logprobs": st.logprobs.take() if st.logprobs is not None else None,
                     "finish_reason": st.finish_reason} for st in self.states]

@@ -29,6 +29,8 @@ ENGINE_TO_API = {
     "frequency_penalty": "frequency_penalty",
     "logit_bias": "logit_bias",
     "logprobs": "logprobs",
+    "min_tokens": "min_tokens",
+    "stop_token_ids": "stop_token_ids",
     "prompt": "prompt",
     "token": "prompt",   # "token id 70000 is outside the vocabulary"
 }

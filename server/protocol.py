@@ -3,7 +3,7 @@
 Defaults are OpenAI's (a client that sends only a prompt gets what OpenAI would do): max_tokens 16,
 temperature 1, top_p 1, n 1, no penalties. The engine's extensions default to "off" so they change
 nothing unless asked for: top_k 0 (disabled; the engine's own default is 40, the server's is OpenAI's
-"sample from the whole distribution"), repetition_penalty 1.
+"sample from the whole distribution"), repetition_penalty 1, ignore_eos false, min_tokens 0, no stop_token_ids.
 
 Unknown fields are refused (OpenAI: "Unrecognized request argument supplied"), so that a typo such as
 `max_new_tokens` is an error rather than a silently ignored setting.
@@ -17,7 +17,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from server.errors import bad_request, from_validation
 
-MAX_STOP = 4          # OpenAI: up to 4 stop sequences
+# Stop sequences: OpenAI allows 4, vLLM any number; lm-eval's code tasks send 6. Each is bounded because the
+# engine holds streamed text back by the longest stop string less one character (a prefix of one must not go
+# out before it is known not to be one) and searches every new piece of text for each: 16 x 256 characters
+# keep that hold-back under 256 characters (~60 tokens) and the search per token to a few KB, while clients'
+# real stops are far shorter (lm-eval: "\n\n", "Question:", "\nclass", "\ndef", "\n#", "\nif", "\nprint").
+MAX_STOP = 16
+MAX_STOP_CHARS = 256
 MAX_LOGPROBS = 5      # OpenAI's legacy completions: logprobs 0..5
 MAX_N = 128           # OpenAI: n <= 128
 DEFAULT_PROMPT = "<|endoftext|>"   # OpenAI's default: generate as if from the start of a new document
@@ -53,6 +59,9 @@ class CompletionRequest(_Strict):
     # engine extensions (vLLM spells them the same way)
     top_k: int | None = 0
     repetition_penalty: float | None = 1.0
+    ignore_eos: bool | None = False          # go on past <|endoftext|> (fixed output lengths: aiperf's advice)
+    min_tokens: int | None = 0               # no eos, stop token or stop string before this many tokens
+    stop_token_ids: list[int] | None = None  # end when one is sampled (finish "stop"; not in the text)
 
     @field_validator("prompt")
     @classmethod
@@ -80,6 +89,10 @@ class CompletionRequest(_Strict):
             raise ValueError("must be a string or a list of strings")
         if len(stops) > MAX_STOP:
             raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(stops)}")
+        for i, s in enumerate(stops):
+            if len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"each stop sequence may have at most {MAX_STOP_CHARS} characters, stop[{i}] has "
+                                 f"{len(s)}")
         return stops
 
 
