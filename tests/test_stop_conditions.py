@@ -71,3 +71,18 @@ def test_min_tokens_holds_stop_strings_off(tiny_gen):
     else:
         assert out.finish_reason == "stop" and out.text == ref.text[:later]
 
+
+
+def test_min_tokens_and_stop_tokens_in_speculative_rounds(tiny_model):
+    """The draft's proposals and the target's check go through the same masked distribution: with eos
+    favoured, a speculative request still makes exactly min_tokens tokens; a stop token ends it likewise.
+    (The tiny model drafts for itself, every round k=4: speculate='always'.)"""
+    from tests.runtime_fixtures import load_generator
+    with load_generator(tiny_model, draft=tiny_model.art, speculate="always") as spec:
+        out = spec.generate(PROMPTS[0], SamplingParams.greedy(16, min_tokens=7, logit_bias=EOS_FIRST))
+        assert out.finish_reason == "eos" and len(out.token_ids) == 7 and EOS not in out.token_ids
+        assert out.timings.drafts_proposed > 0
+        ref = spec.generate(PROMPTS[1], SamplingParams.greedy(12, stop_at_eos=False))
+        i = next(i for i, t in enumerate(ref.token_ids) if i >= 3 and t not in ref.token_ids[:i])
+        cut = spec.generate(PROMPTS[1], SamplingParams.greedy(12, stop_at_eos=False, stop_token_ids=[ref.token_ids[i]]))
+        assert cut.finish_reason == "stop" and cut.token_ids == ref.token_ids[:i]
