@@ -18,6 +18,7 @@ import click
 from click.core import ParameterSource
 
 from cli.errors import friendly_errors
+from cli.help import examples
 
 # The bench's vocabulary (benchmarks/runners.py, benchmarks/harness.py), repeated here so that loading
 # the `gpt2-engine` group (every CLI call) does not import them and numpy; tests/test_bench_harness.py
@@ -66,14 +67,17 @@ def _model_spec(model: str, init: str, seed: int, init_range: float):
     return ModelSpec(size, "checkpoint", source=model)
 
 
-@click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("bench", context_settings={"help_option_names": ["-h", "--help"]}, epilog=examples(
+    "gpt2-engine bench --quick",
+    "gpt2-engine bench --model gpt2 --batch 1 --batch 8 --new-tokens 64",
+    "gpt2-engine bench --model gpt2-medium --backend ort --backend ort-int8 --no-peers"))
 @click.option("--model", "models", multiple=True, default=("gpt2",), show_default=True,
               help="Size name (gpt2 .. gpt2-xl, distilgpt2) or HF checkpoint directory; repeatable.")
 @click.option("--init", type=click.Choice(["random", "checkpoint"]), default="random", show_default=True,
               help="For size names: random weights (saved once under --work-dir, shared by every runner), "
                    "or the real checkpoint (HF hub cache, else download). Directories are always checkpoints.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
-@click.option("--init-range", type=float, default=0.1, show_default=True,
+@click.option("--init-range", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
               help="Std of the random weights. 0.1, not 0.02: at 0.02 greedy output is one token repeated "
                    "and the validation gate proves little (docs/ARCHITECTURE.md, \"Tests: the oracle\"); "
                    "speed does not depend on it.")
@@ -160,7 +164,9 @@ def bench(ctx, models, init, seed, init_range, batches, prompt_lens, new_tokens,
         sys.exit(1)
 
 
-@click.command("bench-kernels", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("bench-kernels", context_settings={"help_option_names": ["-h", "--help"]}, epilog=examples(
+    "gpt2-engine bench-kernels --model gpt2",
+    "gpt2-engine bench-kernels --model gpt2-medium --batch 8 --threads 2"))
 @click.option("--model", "models", multiple=True, default=("gpt2",), show_default=True,
               help="Size name (gpt2 .. gpt2-xl, distilgpt2); repeatable.")
 @click.option("--batch", "batches", type=click.IntRange(min=2), multiple=True, default=(8, 16), show_default=True,
@@ -217,14 +223,17 @@ def _range(option: str, value: tuple[int, int]) -> tuple[int, int]:
     return lo, hi
 
 
-@click.command("bench-serve", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("bench-serve", context_settings={"help_option_names": ["-h", "--help"]}, epilog=examples(
+    "gpt2-engine bench-serve --quick",
+    "gpt2-engine bench-serve --concurrency 1 --concurrency 8 --rate 2",
+    "gpt2-engine bench-serve --http http://127.0.0.1:8000 --http-model gpt2 --quick"))
 @click.option("--model", "models", multiple=True, default=("gpt2",), show_default=True,
               help="Size name (gpt2 .. gpt2-xl, distilgpt2) or HF checkpoint directory; repeatable.")
 @click.option("--init", type=click.Choice(["random", "checkpoint"]), default="random", show_default=True,
               help="For size names: random weights (prepared as `gpt2-engine bench` does, shared with it), "
                    "or the real checkpoint.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
-@click.option("--init-range", type=float, default=0.1, show_default=True,
+@click.option("--init-range", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
               help="Std of the random weights (0.1: diverse greedy output, so the validation gate proves something).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="ONNX Runtime intra-op threads (default: physical cores).")

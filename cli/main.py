@@ -7,20 +7,53 @@ no traceback reaches the user for an error we anticipated.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import click
 
 from cli.errors import friendly_errors
+from cli.help import AliasGroup, examples
 from engine.errors import install_hint
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(AliasGroup):
+    aliases = {"info": "inspect"}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("gpt2-engine")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown (not installed: `pip install -e .` in the checkout)"
+
+
+def _print_version(ctx: click.Context, param, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        ort = f"onnxruntime {version('onnxruntime')}"
+    except PackageNotFoundError:
+        ort = "onnxruntime missing"
+    click.echo(f"gpt2-engine {_version()} ({ort}, Python {platform.python_version()})")
+    ctx.exit()
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog="Each command's --help ends with examples.")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print the version (and ONNX Runtime's) and exit.")
 def main() -> None:
     """GPT-2 inference: export checkpoints to ONNX, generate with ONNX Runtime or TensorRT, benchmark."""
 
 
-@main.command()
+@main.command(epilog=examples(
+    "gpt2-engine export gpt2 --out artifacts/gpt2",
+    "gpt2-engine export gpt2-xl --init random --seed 0 --out artifacts/xl-random",
+    "gpt2-engine export path/to/hf-checkpoint --precision int8 --out artifacts/mine-int8"))
 @click.argument("model")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Model directory to create.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
@@ -28,7 +61,8 @@ def main() -> None:
 @click.option("--init", type=click.Choice(["random"]), default=None,
               help="Random weights of the named size instead of a checkpoint (no download).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --init random.")
-@click.option("--init-range", type=float, default=0.02, show_default=True, help="Std of random weights.")
+@click.option("--init-range", type=click.FloatRange(min=0, min_open=True), default=0.02, show_default=True,
+              help="Std of random weights (> 0).")
 @click.option("--attention", type=click.Choice(["gqa", "fused", "ops"]), default=None,
               help="gqa: ONNX Runtime's GroupQueryAttention (default for fp32/int8, CPU); fused: one standard "
                    "ONNX Attention node (for ONNX Runtime CUDA); ops: elementary ops (default for fp16/TensorRT).")
@@ -39,17 +73,17 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @friendly_errors
 def export(model, out, precision, init, seed, init_range, attention, prepack, force):
-    """Export MODEL (a HF checkpoint directory or a name: gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2)."""
+    """Export MODEL (a HF checkpoint directory, a name: gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2,
+    or a Hugging Face repo id of a GPT-2 model) into a model directory."""
     from export.exporter import export_model
     path = export_model(model, out, precision=precision, init=init, seed=seed, init_range=init_range, force=force,
                         attention=attention, prepack=prepack)
-    click.echo(f"exported {model} ({precision}) to {path}")
-    _print_info(path)
-
-
-def _print_info(path: Path) -> None:
     from engine.artifact import load_artifact
-    art = load_artifact(path)
+    click.echo(f"exported {model} ({precision}) to {path}")
+    _print_info(load_artifact(path))
+
+
+def _print_info(art) -> None:
     m = art.manifest
     cfg = art.config
     files = {p.name: p.stat().st_size for p in sorted(art.path.iterdir()) if p.is_file()}
@@ -68,21 +102,24 @@ def _print_info(path: Path) -> None:
         click.echo(f"  engine:     {e.stem} (TensorRT {meta.get('trt_version')}, {meta.get('gpu_name')})")
 
 
-@main.command()
+@main.command(epilog=examples("gpt2-engine inspect artifacts/gpt2", "gpt2-engine info artifacts/gpt2 --json"))
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @friendly_errors
 def inspect(directory, as_json):
     """Print what a model directory holds."""
-    from engine.artifact import load_artifact
+    from engine.artifact import MANIFEST, load_artifact
+    from engine.errors import ArtifactError
+    if (directory / "config.json").is_file() and not (directory / MANIFEST).is_file():
+        raise ArtifactError(f"{directory} is a Hugging Face checkpoint, not a model directory: make one with "
+                            f"`gpt2-engine export {directory} --out DIR` and inspect DIR (generate and serve "
+                            "take the checkpoint as it is)")
+    art = load_artifact(directory)  # before printing anything: an error is the only line
     if as_json:
-        click.echo(json.dumps(load_artifact(directory).manifest, indent=2))
+        click.echo(json.dumps(art.manifest, indent=2))
     else:
         click.echo(str(directory))
-        _print_info(directory)
-
-
-main.add_command(inspect, name="info")
+        _print_info(art)
 
 from cli.bench import bench, bench_kernels, bench_serve  # noqa: E402  (the harness is imported only when they run)
 
@@ -91,7 +128,10 @@ main.add_command(bench_kernels)
 main.add_command(bench_serve)
 
 
-@main.command()
+@main.command(epilog=examples(
+    'gpt2-engine generate gpt2 "Hello" --init random -n 32',
+    'gpt2-engine generate artifacts/gpt2 "Hello" --top-p 0.9 --seed 0 --stream',
+    "gpt2-engine generate artifacts/gpt2 --batch-file prompts.txt --greedy"))
 @click.argument("model")
 @click.argument("prompt", required=False)
 @click.option("--max-new-tokens", "-n", type=int, default=64, show_default=True)
@@ -125,7 +165,7 @@ def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetitio
              stream, batch_file, truncate, backend, device, threads, precision, init, timings, draft, draft_k):
     """Generate text from PROMPT with MODEL: a model directory, or a name exported on first use into
     ~/.cache/gpt2-engine (override with GPT2_ENGINE_CACHE)."""
-    from engine.errors import InputError
+    from engine.errors import InputError, RandomWeightsWarning
     from engine.generator import Generator
     from engine.sampling import SamplingParams
     from export.model_cache import resolve_model_dir
@@ -143,8 +183,11 @@ def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetitio
     if not prompts:
         raise InputError("--batch-file holds no prompts (one per line)")
     directory = resolve_model_dir(model, precision=precision, init=init)
-    with Generator.from_pretrained(directory, backend=backend, device=device, threads=threads, draft=draft,
-                                   draft_k=draft_k) as gen:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)   # labelled below, in the CLI's own words
+        gen = Generator.from_pretrained(directory, backend=backend, device=device, threads=threads, draft=draft,
+                                        draft_k=draft_k)
+    with gen:
         if gen.artifact.is_random:
             click.echo(f"[{gen.artifact.label}]", err=True)
         if stream:
@@ -167,7 +210,10 @@ def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetitio
                           else " | draft unused (no round paid: see engine/speculative.py)" if draft is not None else ""),
                        err=True)
 
-@main.command()
+@main.command(epilog=examples(
+    "gpt2-engine export gpt2 --precision fp16 --out artifacts/gpt2-fp16",
+    "gpt2-engine build artifacts/gpt2-fp16 --max-batch 8",
+    'gpt2-engine generate artifacts/gpt2-fp16 "Hello" --backend trt --device cuda'))
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Largest batch the engine serves.")
 @click.option("--max-prompt", type=int, default=512, show_default=True, help="Longest prefill (tokens) per call.")
@@ -179,8 +225,13 @@ def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetitio
 def build(directory, max_batch, max_prompt, capacity, timing_cache, force):
     """Compile DIR's fp16 ONNX graph into a TensorRT engine for this GPU (needs tensorrt >= 10.15 and a GPU)."""
     from engine.backends.trt_plan import import_tensorrt
+    from engine.errors import BackendUnavailable
     from export.trt_build import build_engine
-    import_tensorrt()  # before any work: without TensorRT, one line that says what to install
+    try:
+        import_tensorrt()  # before any work: without TensorRT, one line that says what to install
+    except BackendUnavailable as e:
+        raise BackendUnavailable(f"{e}. Without a GPU there is nothing to build: `generate` and `serve` run fp32 "
+                                 "and int8 exports on ONNX Runtime as they are") from None
     plan = build_engine(directory, max_batch=max_batch, max_prompt=max_prompt, capacity=capacity,
                         timing_cache_path=timing_cache, force=force)
     click.echo(f"engine: {plan}")
@@ -216,7 +267,10 @@ def _serve_on_ray(model, **options) -> int:
         raise click.ClickException(str(e)) from None
 
 
-@main.command()
+@main.command(epilog=examples(
+    "gpt2-engine serve artifacts/gpt2 --port 8000",
+    "gpt2-engine serve gpt2 --init random --max-batch 16",
+    "gpt2-engine serve artifacts/gpt2 --ray --replicas 2 --num-cpus 1"))
 @click.argument("model")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: every one).")
 @click.option("--port", type=int, default=8000, show_default=True, help="TCP port (0: a free one, printed at start).")

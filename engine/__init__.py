@@ -7,10 +7,19 @@ This package imports nothing from `export`, `benchmarks`, `cli` or `server` (tes
 """
 
 from engine.core import Delta, EngineStats, TokenLogprob
-from engine.errors import ArtifactError, BackendUnavailable, CheckpointError, EngineClosed, EngineError, EngineOverloaded, InputError
+from engine.errors import (
+                           ArtifactError,
+                           BackendUnavailable,
+                           CheckpointError,
+                           EngineClosed,
+                           EngineError,
+                           EngineOverloaded,
+                           InputError,
+                           RandomWeightsWarning,
+)
 from engine.generator import GenerationOutput, Generator, Timings
 from engine.sampling import SamplingParams
 
 __all__ = ["Generator", "SamplingParams", "GenerationOutput", "Timings", "Delta", "TokenLogprob", "EngineStats",
            "EngineError", "ArtifactError", "CheckpointError", "InputError", "BackendUnavailable", "EngineOverloaded",
-           "EngineClosed"]
+           "EngineClosed", "RandomWeightsWarning"]

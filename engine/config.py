@@ -60,8 +60,10 @@ HUB_IDS: dict[str, str] = {
 
 
 def canonical_size_name(name: str) -> str | None:
-    """'openai-community/gpt2-xl' -> 'gpt2-xl'; unknown names -> None."""
+    """'openai-community/gpt2-xl' -> 'gpt2-xl'; unknown names -> None. Exact names, in any case, as the
+    Hugging Face hub resolves them ('GPT2', 'OpenAI-Community/GPT2-XL')."""
+    key = name.casefold()
     for short, hub in HUB_IDS.items():
-        if name in (short, hub):
+        if key in (short, hub.casefold()):
             return short
     return None

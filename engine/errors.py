@@ -30,6 +30,11 @@ class EngineClosed(EngineError):
     """The engine was closed while the request waited or ran, or before it was submitted."""
 
 
+class RandomWeightsWarning(UserWarning):
+    """A model with random weights was loaded (`export --init random`): its text is not language. Warned once
+    per model and process; outputs carry `random_weights=True`."""
+
+
 # gpt2-engine is installed from its checkout (the package is not published): an extra is `pip install -e
 # '.[extra]'` run there. The extras that pull torch get the CPU build first, as the Makefile installs it (a
 # torch resolved by the extra alone is the multi-GB CUDA build: a 6 GB venv instead of 2 GB).

@@ -20,14 +20,16 @@ import asyncio
 import os
 import queue
 import time
+import warnings
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from engine.artifact import Artifact, load_artifact
+from engine.artifact import MANIFEST, Artifact, load_artifact
 from engine.core import Delta, EngineCore, EngineStats, Request, TokenLogprob
-from engine.errors import ArtifactError, EngineClosed, InputError
+from engine.errors import ArtifactError, BackendUnavailable, EngineClosed, InputError, RandomWeightsWarning
 from engine.loop import RowState, new_row, sequence_logits
 from engine.sampling import SamplingParams
 from engine.speculative import draft_cost as speculation_cost
@@ -83,6 +85,7 @@ class GenerationOutput:
     # One per prompt token when params.prompt_logprobs is set, from the prefill forward; None for the first
     # token (nothing predicts it)
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    random_weights: bool = False    # the model's weights are random (`export --init random`): the text is not language
 
 
 class Generator:
@@ -107,8 +110,13 @@ class Generator:
     def from_pretrained(cls, path: str | os.PathLike, backend: str = "ort", device: str = "cpu",
                         threads: int | None = None, max_batch: int = 8, max_queue: int = 256,
                         prefill_chunk: int | None = None, draft: str | os.PathLike | None = None,
-                        draft_k: int = 4, speculate: str = "auto", **backend_options) -> Generator:
-        """Load a model directory made by `gpt2-engine export`. backend: 'ort' (CPU/CUDA) or 'trt'.
+                        draft_k: int = 4, speculate: str = "auto", init: str | None = None,
+                        precision: str = "fp32", **backend_options) -> Generator:
+        """Load a model directory made by `gpt2-engine export`, or a model by name as `gpt2-engine generate
+        NAME` does: a size name (gpt2 .. gpt2-xl, distilgpt2; init='random' for random weights), a Hugging
+        Face repo id of a GPT-2 model (`sshleifer/tiny-gpt2`; the local hub cache, else a download) or a
+        checkpoint directory, exported in `precision` once into the model cache (~/.cache/gpt2-engine, or
+        $GPT2_ENGINE_CACHE) and loaded from there after that. backend: 'ort' (CPU/CUDA) or 'trt'.
 
         max_batch: KV-cache slots (requests decoding at once); max_queue: requests that may wait for a
         slot before submissions fail with EngineOverloaded; prefill_chunk: prompt tokens per loop
@@ -123,8 +131,11 @@ class Generator:
         """
         from tokenizers import Tokenizer
 
+        path = _model_directory(path, init, precision)
         t0 = time.perf_counter()
         art = load_artifact(path)
+        if art.is_random:
+            warnings.warn(f"{art.path}: {art.label}", RandomWeightsWarning, stacklevel=2)
         try:
             tokenizer = Tokenizer.from_file(str(art.tokenizer_path))
         except Exception as e:  # the Rust side raises plain Exceptions for malformed JSON
@@ -171,10 +182,15 @@ class Generator:
             if truncate == "left":
                 ids = ids[len(ids) + n_new - ctx:]  # keep the most recent tokens
             else:
+                left = (f"or truncate from the left (truncate='left', CLI --truncate left: keeps the prompt's last "
+                        f"{ctx - n_new} tokens)")
+                if len(ids) >= ctx:  # no max_new_tokens fits: the prompt alone fills the context
+                    raise InputError(f"prompt ({len(ids)} tokens) + max_new_tokens ({n_new}) exceeds the context "
+                                     f"({ctx} tokens), and the prompt alone fills it: shorten the prompt to at most "
+                                     f"{ctx - n_new} tokens, {left}")
                 raise InputError(f"prompt ({len(ids)} tokens) + max_new_tokens ({n_new}) exceeds the context "
-                                 f"({ctx} tokens): shorten the prompt, lower max_new_tokens to at most "
-                                 f"{max(ctx - len(ids), 0)}, or truncate from the left (truncate='left', "
-                                 "CLI --truncate left)")
+                                 f"({ctx} tokens): lower max_new_tokens to at most {ctx - len(ids)}, shorten the "
+                                 f"prompt to at most {ctx - n_new} tokens, {left}")
         return new_row(ids, params.for_model(self.config.eos_token_id, self.config.vocab_size), self.tokenizer)
 
     def _rows(self, prompts, params, truncate) -> list[RowState]:
@@ -196,7 +212,8 @@ class Generator:
                           r.drafts_proposed, r.drafts_accepted)
         prompt_lp = getattr(r, "prompt_logprobs", None)   # set by the core's prefill when params.prompt_logprobs is
         return GenerationOutput(row.text, list(row.generated), list(row.prompt_ids), row.finish_reason, timings,
-                                r.logprobs, None if prompt_lp is None else list(prompt_lp))
+                                r.logprobs, None if prompt_lp is None else list(prompt_lp),
+                                random_weights=self.artifact.is_random)
 
     def _submit(self, rows: list[RowState], sink, deadline_s: float | None) -> list[Request]:
         if deadline_s is not None and not (isinstance(deadline_s, (int, float)) and deadline_s > 0):
@@ -340,8 +357,26 @@ def _load_backend(art: Artifact, backend: str, device: str, threads: int | None,
         return OrtBackend(art, device=device, threads=threads, **options)
     if backend == "trt":
         from engine.backends.trt import TrtBackend
-        return TrtBackend(art, **options)
+        try:
+            return TrtBackend(art, **options)
+        except BackendUnavailable as e:
+            raise BackendUnavailable(f"{e}; without a GPU use backend='ort' (CLI: --backend ort)") from None
     raise InputError(f"backend must be 'ort' or 'trt', got {backend!r}")
+
+
+def _model_directory(model: str | os.PathLike, init: str | None, precision: str) -> str | os.PathLike:
+    """`model` itself when it is a model directory or a path that is not a model name; else the model
+    cache's directory for it (export/model_cache.py: exported there once, on first use)."""
+    p = Path(model).expanduser()
+    if (p / MANIFEST).is_file():
+        return model
+    if not (p / "config.json").is_file() and (p.exists() or p.is_absolute() or str(model).startswith((".", "~"))):
+        return model  # a path, not a checkpoint: load_artifact says what is wrong with it
+    # The one import of export/ in the runtime (docs/ARCHITECTURE.md, "The parts"; tests/test_layering.py):
+    # a name has to be exported before it runs, as the CLI does. Lazy, so that `import engine` and loading
+    # a model directory never load the exporter.
+    from export.model_cache import resolve_model_dir
+    return resolve_model_dir(str(model), precision=precision, init=init)
 
 
 def _load_pair(target: Artifact, draft: Artifact, backend: str, device: str, threads: int | None, options: dict):

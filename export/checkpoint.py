@@ -2,8 +2,10 @@
 
 Sources, in the order `resolve_checkpoint` tries them:
   1. a local Hugging Face directory (config.json + model.safetensors, or pytorch_model.bin with torch);
-  2. a model name (`gpt2` .. `gpt2-xl`, `distilgpt2`, or their `openai-community/...` hub ids) found in
-     the local HF hub cache, else downloaded when `huggingface_hub` is installed and the hub answers.
+  2. a model name (`gpt2` .. `gpt2-xl`, `distilgpt2`, or their `openai-community/...` hub ids), or any
+     Hugging Face repo id (`owner/name`) whose config.json is GPT-2's (fine-tunes, `sshleifer/tiny-gpt2`),
+     in any case as the hub takes them: found in the local HF hub cache, else downloaded when
+     `huggingface_hub` is installed and the hub answers.
 `random_checkpoint` makes a randomly initialised checkpoint of a named size instead (demos, benchmarks,
 tests: no real weights exist offline).
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +28,8 @@ from engine.config import HUB_IDS, SIZES, GPT2Config, canonical_size_name
 from engine.errors import CPU_TORCH, CheckpointError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# A Hugging Face repo id, `owner/name` (the hub's rule: letters, digits, '-', '_', '.'; no '--' or '..').
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # Buffers some checkpoints carry that are not weights (the causal mask of old transformers versions).
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
@@ -208,9 +213,19 @@ def _hub_cache_dir() -> Path:
     return Path.home() / ".cache" / "huggingface" / "hub"
 
 
+def is_repo_id(name: str) -> bool:
+    """Whether `name` reads as a Hugging Face repo id (`owner/name`)."""
+    return bool(_REPO_ID.fullmatch(name)) and "--" not in name and ".." not in name
+
+
 def find_in_hub_cache(repo_id: str) -> Path | None:
-    """The cached snapshot of `repo_id` that has config.json and a weights file (the ref `main` first)."""
-    repo_dir = _hub_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    """The cached snapshot of `repo_id` that has config.json and a weights file (the ref `main` first).
+    Repo ids are case-insensitive on the hub, so is this lookup (the cache keeps the case it was fetched as)."""
+    cache = _hub_cache_dir()
+    repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
+    if not repo_dir.is_dir() and cache.is_dir():
+        wanted = repo_dir.name.casefold()
+        repo_dir = next((d for d in sorted(cache.iterdir()) if d.name.casefold() == wanted), repo_dir)
     snapshots = repo_dir / "snapshots"
     if not snapshots.is_dir():
         return None
@@ -242,16 +257,21 @@ def _download(repo_id: str) -> Path:
 
 
 def resolve_checkpoint(spec: str) -> Checkpoint:
-    """A local directory, or a known model name (hub cache first, then download)."""
+    """A local directory, a known model name or a Hugging Face repo id (hub cache first, then download)."""
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(f"{spec} is a file: pass the checkpoint's directory (config.json + model.safetensors)")
         return load_checkpoint_dir(path)
     size = canonical_size_name(spec)
-    if size is None:
+    if size is None and not is_repo_id(spec):
         raise CheckpointError(f"{spec!r} is neither a directory nor a known model; known names: "
-                              f"{', '.join(SIZES)} (or openai-community/<name>)")
-    repo_id = HUB_IDS[size]
-    snap = find_in_hub_cache(repo_id) or _download(repo_id)
-    return load_checkpoint_dir(snap, name=size)
+                              f"{', '.join(SIZES)}, or a Hugging Face repo id of a GPT-2 model (owner/name)")
+    repo_id = HUB_IDS[size] if size is not None else spec
+    try:
+        snap = find_in_hub_cache(repo_id) or _download(repo_id)
+    except CheckpointError as e:
+        if size is not None:
+            raise
+        raise CheckpointError(f"{spec!r} is not a directory here, and as a Hugging Face repo id: {e}") from None
+    return load_checkpoint_dir(snap, name=size or repo_id)

@@ -7,6 +7,7 @@ so a failure never leaves a half-written model directory behind.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -73,6 +74,8 @@ def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str 
         raise EngineError(f"--precision must be one of {', '.join(io.PRECISIONS)}, got {precision!r}")
     if init not in (None, "random"):
         raise EngineError(f"--init must be 'random' (or omitted for real weights), got {init!r}")
+    if init == "random" and not (isinstance(init_range, (int, float)) and math.isfinite(init_range) and init_range > 0):
+        raise EngineError(f"--init-range (the std of the random weights) must be a number > 0, got {init_range!r}")
     if prepack and precision == "fp16":
         raise EngineError("--prepack is for the ONNX Runtime CPU precisions (fp32, int8); fp16 is for TensorRT / GPUs")
     try:

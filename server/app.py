@@ -2,10 +2,14 @@
 
     POST /v1/completions        OpenAI completions (JSON or SSE)          server.completions
     POST /v1/chat/completions   400: GPT-2 has no chat template
-    GET  /v1/models[/{id}]      the served model, with max_model_len
+    GET  /v1/models[/{id}]      the served model, with max_model_len and random_weights
     POST /tokenize, /detokenize vLLM's shapes
-    GET  /health                200 ready; 503 loading, draining or failed
+    GET  /health                200 ready; 503 loading, draining or failed (HEAD: the status, no body)
     GET  /metrics               Prometheus text                           server.metrics
+    HEAD /metrics               200, no body (clients such as aiperf probe with it)
+
+A model with random weights (`export --init random`) is labelled: `random_weights: true` on its
+/v1/models entry and the header `x-gpt2-engine-random-weights: true` on every /v1/ response.
 
 Bodies are parsed by hand (`server.protocol.parse`) rather than by FastAPI's body injection, so that
 every malformed body (not JSON, not an object, a wrong type, an unknown field) is one 400 in OpenAI's
@@ -39,6 +43,7 @@ log = logging.getLogger("gpt2_engine.server")
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")     # echoed as given; anything else is replaced
 PROTECTED = ("/v1/", "/tokenize", "/detokenize")
+RANDOM_WEIGHTS_HEADER = (b"x-gpt2-engine-random-weights", b"true")
 
 
 @dataclass
@@ -74,6 +79,12 @@ class ServerState:
         raise APIError(503, f"the model failed to load: {self.error}", "server_error", None, "model_load_failed")
 
     @property
+    def random_weights(self) -> bool:
+        """The loaded model's weights are random: its text is not language (labelled on /v1/ responses)."""
+        artifact = getattr(self.gen, "artifact", None)
+        return bool(getattr(artifact, "is_random", False))
+
+    @property
     def capacity(self) -> int:
         st = self.gen.stats()
         return st.max_batch + st.max_queue
@@ -98,10 +109,15 @@ class RequestContext:
         status = [None]
         t0 = time.perf_counter()
 
+        labelled = scope.get("path", "").startswith("/v1/")
+
         async def send_with_id(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+                headers = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                if labelled and self.state.random_weights:
+                    headers.append(RANDOM_WEIGHTS_HEADER)
+                message = {**message, "headers": headers}
             await send(message)
 
         try:
@@ -122,9 +138,9 @@ class RequestContext:
             if status[0] is None:
                 await internal(rid).response()(scope, receive, send_with_id)
         finally:
-            code = status[0] if status[0] is not None else 499   # 499: the client left before an answer
-            if scope["state"].get("client_gone"):
-                code = f"{code} (client disconnected)"
+            # 499 (nginx's "client closed request", as docs/serving.md says): the client left before the whole
+            # answer, whether or not its status line (a stream's 200) had gone out.
+            code = 499 if status[0] is None or scope["state"].get("client_gone") else status[0]
             log.info("%s %s %s %s %.1f ms", rid, scope.get("method"), scope.get("path"), code,
                      (time.perf_counter() - t0) * 1e3)
             REQUEST_ID.reset(token)
@@ -147,21 +163,26 @@ def create_app(state: ServerState, cors_origins: tuple[str, ...] | list[str] = (
     async def api_error(request: Request, exc: APIError):
         return exc.response()
 
-    @app.get("/health")
-    async def health():
+    @app.api_route("/health", methods=["GET", "HEAD"])
+    async def health(request: Request):
         code = 200 if state.status == "ready" else 503
+        if request.method == "HEAD":
+            return Response(status_code=code)
         body = {"status": state.status}
         if state.error:
             body["error"] = state.error
         return JSONResponse(body, status_code=code)
 
-    @app.get("/metrics")
-    async def metrics():
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
+    async def metrics(request: Request):
+        if request.method == "HEAD":
+            return Response(status_code=200, media_type=CONTENT_TYPE)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     def model_card() -> dict:
         return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "gpt2-engine",
-                "root": state.root, "parent": None, "max_model_len": state.gen.max_context}
+                "root": state.root, "parent": None, "max_model_len": state.gen.max_context,
+                "random_weights": state.random_weights}
 
     @app.get("/v1/models")
     async def models():

@@ -7,8 +7,10 @@ uvicorn runs programmatically (uvicorn.Config + a uvicorn.Server subclass) so th
   (past the bound, the engine aborts what still runs: streams end with an error event and [DONE]).
   A second signal stops at once. The process then exits 0 (uvicorn's own handler would re-raise the
   signal after shutdown, which ends the process with -15 instead).
-- The listening socket is bound before anything loads, and the model loads in a background thread,
-  so that /health answers 503 "loading" meanwhile (a named model may be exported first: minutes).
+- MODEL is checked first (what it names, and a model directory's files: no weights read), so that a
+  mistyped path is one error line and no port is bound. Then the listening socket is bound, and the
+  model loads in a background thread, so that /health answers 503 "loading" meanwhile (a named model may
+  be exported first: minutes).
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
 
-from engine.errors import EngineError
+from engine.errors import EngineError, RandomWeightsWarning
 from server.app import ServerState, create_app
 
 log = logging.getLogger("gpt2_engine.server")
@@ -105,6 +108,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: i
           drain_timeout_s: float = DRAIN_TIMEOUT_S, log_level: str = "info", draft: str | None = None) -> int:
     """Serve MODEL (a model directory or a name, exported on first use) until SIGTERM/SIGINT. Returns the exit
     code: 0 after a drain, 1 when the model failed to load."""
+    _check_model(model, precision, init, draft)   # before binding: a wrong MODEL is one line, no "listening"
     logging.basicConfig(level=getattr(logging, log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state = ServerState(model_name=served_model_name or model, api_key=api_key)
@@ -118,8 +122,10 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: i
             from engine import Generator
             from export.model_cache import resolve_model_dir
             directory = resolve_model_dir(model, precision=precision, init=init)
-            gen = Generator.from_pretrained(directory, threads=threads, max_batch=max_batch, max_queue=max_queue,
-                                            draft=draft)
+            with warnings.catch_warnings():   # the "ready" line labels random weights, in the log's format
+                warnings.simplefilter("ignore", RandomWeightsWarning)
+                gen = Generator.from_pretrained(directory, threads=threads, max_batch=max_batch, max_queue=max_queue,
+                                                draft=draft)
             state.root = str(Path(directory).resolve())
             label = " [" + gen.artifact.label + "]" if gen.artifact.is_random else ""
             state.set_ready(gen)
@@ -141,6 +147,16 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: i
         if state.gen is not None:
             _close(state.gen)
     return 1 if state.status == "failed" else 0
+
+
+def _check_model(model: str, precision: str, init: str | None, draft: str | None) -> None:
+    """What can be known about MODEL (and --draft) without exporting or loading: raises the one-line error."""
+    from engine.artifact import load_artifact
+    from export.model_cache import cache_key
+    if cache_key(model, precision, init) is None:
+        load_artifact(model)      # a model directory: its manifest and files
+    if draft is not None:
+        load_artifact(draft)
 
 
 def _close(gen) -> None:
