@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,12 +165,15 @@ def load_checkpoint_dir(directory: Path, name: str | None = None) -> Checkpoint:
     return Checkpoint(cfg, weights, source, directory)
 
 
-def random_weights(cfg: GPT2Config, seed: int = 0, init_range: float = 0.02) -> dict[str, np.ndarray]:
+def random_weights(cfg: GPT2Config, seed: int = 0, init_range: float = 0.02,
+                   progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """Random weights of the exact architecture. Unlike HF's init, biases and norm parameters are
-    random too, so a parity test exercises every tensor's wiring."""
+    random too, so a parity test exercises every tensor's wiring. `progress(1)` after each layer's."""
     rng = np.random.default_rng(seed)
     w = {}
     for k, shape in expected_shapes(cfg).items():
+        if progress is not None and k.endswith(".ln_1.weight") and k != "h.0.ln_1.weight":
+            progress(1)  # the previous layer is done (expected_shapes lists each layer's tensors together)
         if k.endswith("ln_1.weight") or k.endswith("ln_2.weight") or k == "ln_f.weight":
             w[k] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
         elif k.endswith(".bias"):
@@ -177,16 +181,19 @@ def random_weights(cfg: GPT2Config, seed: int = 0, init_range: float = 0.02) -> 
         else:
             std = init_range / np.sqrt(2 * cfg.n_layer) if k.endswith("c_proj.weight") else init_range
             w[k] = (std * rng.standard_normal(shape)).astype(np.float32)
+    if progress is not None:
+        progress(1)
     return w
 
 
-def random_checkpoint(name: str, seed: int = 0, init_range: float = 0.02) -> Checkpoint:
+def random_checkpoint(name: str, seed: int = 0, init_range: float = 0.02,
+                      progress: Callable[[int], None] | None = None) -> Checkpoint:
     size = canonical_size_name(name)
     if size is None:
         raise CheckpointError(f"--init random needs a size name, one of {', '.join(SIZES)}; got {name!r}")
     cfg = SIZES[size]
     source = {"kind": "random", "name": size, "seed": seed, "init_range": init_range, "sha256": None}
-    return Checkpoint(cfg, random_weights(cfg, seed, init_range), source, None)
+    return Checkpoint(cfg, random_weights(cfg, seed, init_range, progress), source, None)
 
 
 def save_checkpoint(directory: Path, cfg: GPT2Config, weights: dict[str, np.ndarray], prefix: str = "") -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -19,6 +20,7 @@ import onnx
 from tqdm import tqdm
 
 from engine import artifact as io
+from engine.config import SIZES, canonical_size_name
 from engine.errors import CheckpointError, EngineError
 from export.checkpoint import Checkpoint, random_checkpoint, resolve_checkpoint, sha256_file
 from export.graph import build_decoder_graph, resolve_attention
@@ -85,14 +87,16 @@ def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str 
     out = Path(out)
     tmp, created_parent = _prepare_out(out, force)
     show_progress = show_progress and sys.stderr.isatty()  # no bar frames in logs
+    size = _bar_size() if show_progress else {}
     t0 = time.perf_counter()
     try:
-        with tqdm(total=4, desc="export", unit="step", disable=not show_progress, leave=False) as bar:
-            bar.set_postfix_str("loading weights")
-            ckpt: Checkpoint = random_checkpoint(spec, seed, init_range) if init == "random" else resolve_checkpoint(spec)
+        with tqdm(total=4, desc="export", unit="step", disable=not show_progress, leave=False, **size) as bar:
+            bar.set_postfix_str("random weights" if init == "random" else "loading weights")
+            ckpt = _checkpoint(spec, init, seed, init_range, disable=not show_progress, leave=False, **size)
             cfg = ckpt.config
             bar.update(1)
-            with tqdm(total=cfg.n_layer, desc="  graph", unit="layer", disable=not show_progress, leave=False) as layers:
+            with tqdm(total=cfg.n_layer, desc="  graph", unit="layer", disable=not show_progress, leave=False,
+                      **size) as layers:
                 # Every weight streams straight to model.onnx.data as its layer is built (int8 quantized
                 # one weight at a time on the way): peak memory stays at about the checkpoint's size.
                 model = build_decoder_graph(cfg, ckpt.weights, precision, attention, progress=layers.update,
@@ -138,6 +142,26 @@ def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str 
             shutil.rmtree(created_parent, ignore_errors=True)
         raise
     return out
+
+
+def _bar_size() -> dict:
+    """{} (tqdm follows the terminal), or 80 x 24 where the terminal reports 0 x 0: a pseudo-terminal nobody
+    sized (`script`, editors' and agents' shells) says so, and tqdm then prints nothing at all."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return {"ncols": 80, "nrows": 24}
+    return {} if size.columns > 0 and size.lines > 0 else {"ncols": size.columns or 80, "nrows": size.lines or 24}
+
+
+def _checkpoint(spec: str, init: str | None, seed: int, init_range: float, **bar) -> Checkpoint:
+    """The weights to export. Random ones take a while for the big sizes (gpt2-xl: 1.5 billion draws): a
+    bar over the layers, as the graph's."""
+    if init != "random":
+        return resolve_checkpoint(spec)
+    size = canonical_size_name(spec)
+    with tqdm(total=SIZES[size].n_layer if size else None, desc="  weights", unit="layer", **bar) as layers:
+        return random_checkpoint(spec, seed, init_range, progress=layers.update)
 
 
 def _write_prepacked(directory: Path) -> None:
