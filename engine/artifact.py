@@ -17,9 +17,10 @@ FORMAT_VERSION = 1
 # Bumped whenever the exporter's default graph changes (2: GroupQueryAttention + Gemm for the CPU; 3:
 # every size's weights in model.onnx.data at page-aligned offsets, memory-mapped by ONNX Runtime, and
 # fp32's tied LM head as its own initializer over wte's bytes; 4: int8 block size by role, residual Add +
-# LayerNorm as SkipLayerNormalization in the CPU graphs). Old directories still load; exports the engine
-# caches for itself are redone when it differs.
-GRAPH_VERSION = 4
+# LayerNorm as SkipLayerNormalization in the CPU graphs; 5: the CPU graphs take a second segment of rows,
+# the chunk segment, so a prompt chunk rides in the decode step's forward). Old directories still load;
+# exports the engine caches for itself are redone when it differs.
+GRAPH_VERSION = 5
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -36,6 +37,15 @@ INPUT_IDS = "input_ids"                # int64 (batch, seq)
 CACHE_POSITIONS = "cache_positions"    # int64 (batch,): slot of this call's first token per row
 LOGITS_INDICES = "logits_indices"      # int64 (batch, n_logits): which of the seq tokens get logits
 LOGITS = "logits"                      # float32 (batch, n_logits, vocab)
+# The chunk segment (GroupQueryAttention graphs, graph version 5): a second set of rows in the same forward,
+# any number of new tokens at any positions (prompt chunks), with its own view of the slot pool. Its
+# dims: chunk_batch, chunk_seq, chunk_n_logits. The first segment (the names above) is the decode rows.
+CHUNK = "chunk."
+
+
+def chunk_name(name: str) -> str:
+    """The chunk segment's twin of a first-segment input or output name."""
+    return CHUNK + name
 
 
 def past_key(i: int) -> str:
@@ -63,20 +73,33 @@ def cache_io_pairs(n_layer: int) -> list[tuple[str, str]]:
     return pairs
 
 
-def io_spec(config: GPT2Config, precision: str) -> dict:
-    """The graph's I/O as data: written to the manifest, checked against the ONNX graph in tests."""
+def io_spec(config: GPT2Config, precision: str, chunk_segment: bool = False) -> dict:
+    """The graph's I/O as data: written to the manifest, checked against the ONNX graph in tests.
+    chunk_segment: the GroupQueryAttention graphs' second segment (its names prefixed by CHUNK)."""
     cache_dtype = "float16" if precision == "fp16" else "float32"
-    cache_shape = ["batch", config.n_head, "capacity", config.head_dim]
-    inputs = [
-        {"name": INPUT_IDS, "dtype": "int64", "shape": ["batch", "seq"]},
-        {"name": CACHE_POSITIONS, "dtype": "int64", "shape": ["batch"]},
-        {"name": LOGITS_INDICES, "dtype": "int64", "shape": ["batch", "n_logits"]},
-    ]
-    outputs = [{"name": LOGITS, "dtype": "float32", "shape": ["batch", "n_logits", config.vocab_size]}]
-    for past, present in cache_io_pairs(config.n_layer):
-        inputs.append({"name": past, "dtype": cache_dtype, "shape": cache_shape})
-        outputs.append({"name": present, "dtype": cache_dtype, "shape": cache_shape, "aliases": past})
+    inputs: list[dict] = []
+    outputs: list[dict] = []
+    for prefix, dim in [("", "")] + ([(CHUNK, "chunk_")] if chunk_segment else []):
+        cache_shape = [f"{dim}batch", config.n_head, "capacity", config.head_dim]
+        inputs += [
+            {"name": prefix + INPUT_IDS, "dtype": "int64", "shape": [f"{dim}batch", f"{dim}seq"]},
+            {"name": prefix + CACHE_POSITIONS, "dtype": "int64", "shape": [f"{dim}batch"]},
+            {"name": prefix + LOGITS_INDICES, "dtype": "int64", "shape": [f"{dim}batch", f"{dim}n_logits"]},
+        ]
+        outputs.append({"name": prefix + LOGITS, "dtype": "float32",
+                        "shape": [f"{dim}batch", f"{dim}n_logits", config.vocab_size]})
+    for prefix, dim in [("", "")] + ([(CHUNK, "chunk_")] if chunk_segment else []):
+        cache_shape = [f"{dim}batch", config.n_head, "capacity", config.head_dim]
+        for past, present in cache_io_pairs(config.n_layer):
+            inputs.append({"name": prefix + past, "dtype": cache_dtype, "shape": cache_shape})
+            outputs.append({"name": prefix + present, "dtype": cache_dtype, "shape": cache_shape,
+                            "aliases": prefix + past})
     return {"inputs": inputs, "outputs": outputs}
+
+
+def has_chunk_segment(manifest: dict) -> bool:
+    """Whether the model directory's graph takes the chunk segment (graph version >= 5, GQA graphs)."""
+    return any(t["name"] == CHUNK + INPUT_IDS for t in manifest.get("io", {}).get("inputs", []))
 
 
 @dataclass(frozen=True)

@@ -1,41 +1,37 @@
 """The in-flight engine: one loop thread serves every request from one pool of KV-cache slots.
-(~490 lines, one job: the loop. Admission, prefill, decode, speculation and freeing share the slot pool's
-invariants (rows [0, n), each request's fill level); split apart, each would have to re-establish them.)
+(One job: execute the scheduler's plans on the pool. Admission, the forward, sampling, speculation and
+freeing share the pool's invariants (which request holds which row, each row's fill level); split
+apart, each would have to re-establish them. What to run is decided in engine/scheduler.py.)
 
     submit() ──> waiting queue (bounded) ──> loop thread, each iteration:
                    1. admit waiting requests into free slots (FIFO), drop aborted / expired ones
-                   2. prefill: prompts into their slots, within a token budget while others decode
-                   3. one batched decode forward over rows [0, n) of the pool, sample, stream deltas out
-                   4. free finished rows at once (the pool stays compact: see `_free`)
+                   2. plan = scheduler.schedule(rows, budget from the cost model)
+                   3. arrange the pool: the plan's first-segment rows at [0, d), its chunk rows after
+                   4. ONE forward: decode tokens and prompt chunks together (backend.forward_mixed),
+                      timed into the cost model; sample; stream deltas out
+                   5. free finished rows' slots
 
-The pool is one backend cache of `max_batch` rows, allocated once; a request owns a row from admission
-to its end. Rows stay packed at [0, n_active): a freed row is filled by moving the last active row into
-it (a copy of that row's filled slots only), so the decode forward is always a contiguous prefix view,
-a lone request decodes at batch 1, and new requests are admitted into a contiguous run of rows that
-can be prefilled in one forward.
+The pool is one backend cache of `max_batch` rows plus a scratch row, allocated once; a request owns
+a row from admission to its end, though not always the same row: `_arrange` moves rows so that each
+segment of the next forward is a contiguous row range (a move copies a row's filled slots only; a
+swap goes through the scratch row). In a steady decode the rows stay put, a lone request decodes at
+batch 1, and a finished row leaves a hole that the next plan fills with one copy.
 
-Prefill policy (chunked prefill, as vLLM and TensorRT-LLM do it):
-  - no row is decoding: every admitted prompt is prefilled whole, fresh prompts together in one
-    forward (nobody waits on it, and a lone user's TTFT is the plain prefill's);
-  - rows are decoding: prompts are fed in chunks of at most `prefill_budget()` tokens per iteration,
-    the tokens that take about PREFILL_SHARE of one decode step (measured online: decode step time
-    and prefill time per token, moving averages), at least MIN_CHUNK. A long prompt then adds at most
-    ~PREFILL_SHARE of a step to the decoding rows' inter-token latency, instead of its whole prefill.
-  ONNX Runtime's GroupQueryAttention accepts several new tokens on a filled cache only at batch 1, so
-  continuation chunks run on a one-row view of the request's own row.
+Graphs without the chunk segment (exports before graph version 5, the TensorRT fp16 graph) run the
+chunk rows as a forward of their own after the first segment's: the same plans, two forwards.
 
-Speculative decoding (with a draft backend): when exactly one request is decoding and no prompt is
-waiting for prefill, a round proposes k <= `draft_k` tokens with the draft (its own slot pool, caught
-up lazily with the tokens it has not seen), verifies them in one target forward of k+1 tokens on the
-request's one-row view, and emits the accepted drafts plus one target token (engine/speculative.py).
-k is chosen per round by SpeculationPolicy (engine/speculative.py): the k with the best expected
-tokens per unit of time from the request's acceptance so far and the draft's cost (its weight bytes
-over the target's), or no round at all (a plain step; probes after 32, 64, 128... tokens) when drafting
-does not pay; it never reads a clock, so seeded requests reproduce. speculate="always": draft_k every round.
-Rejected positions roll back for free: the row's fill level moves back and later writes overwrite the
-slots. With several requests decoding, the batched step already shares each weight read among them
-and GroupQueryAttention verifies several tokens only at batch 1, so the loop does not speculate.
-Each output reports its acceptance rate (accepted / proposed drafts).
+Speculative decoding (with a draft backend): when exactly one request is active (decoding, nothing
+waiting for a slot or a prefill), a round proposes k <= `draft_k` tokens with the draft (its own slot
+pool, caught up lazily with the tokens it has not seen), verifies them in one target forward of k+1
+tokens on the request's one-row view, and emits the accepted drafts plus one target token
+(engine/speculative.py). k is chosen per round by SpeculationPolicy (engine/speculative.py): the k
+with the best expected tokens per unit of time from the request's acceptance so far and the draft's
+cost (its weight bytes over the target's), or no round at all (a plain step; probes after 32, 64,
+128... tokens) when drafting does not pay; it never reads a clock, so seeded requests reproduce.
+speculate="always": draft_k every round. Rejected positions roll back for free: the row's fill level
+moves back and later writes overwrite the slots. With several requests active, the batched step
+already shares each weight read among them and GroupQueryAttention verifies several tokens only at
+batch 1, so the loop does not speculate. Each output reports its acceptance rate.
 
 Batch invariance: every request has its own RNG (seeded from its params), penalties and stop
 strings; its row's cache holds only its own tokens. What can differ with the batch is float rounding
@@ -55,15 +51,12 @@ from typing import Any
 
 import numpy as np
 
-from engine.backends.base import Backend
+from engine.backends.base import Backend, Segment
 from engine.errors import EngineClosed, EngineError, EngineOverloaded
-from engine.loop import RowState, advance, decode_step, prefill, sample_rows
-from engine.sampling import logits_to_probs, top_logprobs
+from engine.loop import RowState, advance, decode_step, sample_rows
+from engine.sampling import logits_to_probs, sequence_logprobs, top_logprobs
+from engine.scheduler import MAX_IDLE_TOKENS, Chunk, CostModel, RowInfo, StepPlan, prompt_budget, schedule
 from engine.speculative import SpeculationPolicy, accept_drafts, draw
-
-PREFILL_SHARE = 0.75   # a prefill chunk may cost this fraction of a decode step while rows decode
-MIN_CHUNK = 16         # never fewer prompt tokens per iteration (progress for long prompts)
-EMA = 0.2              # weight of the newest measurement in the moving averages
 
 
 @dataclass(frozen=True)
@@ -118,6 +111,9 @@ class Request:
         self.prefilled = 0                                 # prompt tokens already in the cache
         self.last_token = 0                                # the token the next decode step feeds
         self.logprobs: list[TokenLogprob] | None = [] if row.params.logprobs is not None else None
+        # Prompt token j's logprob given tokens < j (None for token 0), when params.prompt_logprobs is set.
+        self.prompt_logprobs: list[TokenLogprob | None] | None = \
+            [None] if getattr(row.params, "prompt_logprobs", None) is not None else None
         self.draft_filled = 0                              # slots of the draft's pool row holding this sequence
         self.drafts_proposed = self.drafts_accepted = 0
         self.draft_trials = 0                              # drafts judged (accepted + the first rejected of each round)
@@ -181,14 +177,18 @@ class EngineCore:
         # draft_cost: a draft step in target steps (the Generator passes the weight-bytes ratio).
         self._policy = SpeculationPolicy(draft_k, draft_cost, always=speculate == "always") if draft is not None else None
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        # Mixed steps need the graph's chunk segment; others run the chunk segment as a forward of its own.
+        self.mixed_steps = bool(getattr(backend, "mixed_steps", False))
+        self.cost = CostModel()                   # a forward's time by its tokens (the scheduler's prices)
         self._cache = None                        # the pool: allocated on the loop thread's first admission
-        self._active: list[Request] = []          # index == slot
+        self._slots: list[Request | None] = [None] * max_batch   # slot -> request; row max_batch: scratch
+        self._active: list[Request] = []          # admitted, in arrival order
         self._waiting: deque[Request] = deque()
         self._cond = threading.Condition()
         self._closed = False
         self.forward_calls = 0
-        self._step_s: float | None = None         # moving average of a decode step's time
-        self._prefill_token_s: float | None = None  # moving average of prefill time per prompt token
+        self.host_s = 0.0                         # loop time outside forwards (planning, sampling, deltas)
+        self.steps = 0                            # iterations that ran a forward
         self._thread = threading.Thread(target=self._run, name="gpt2-engine-loop", daemon=True)
         self._thread.start()
 
@@ -254,32 +254,37 @@ class EngineCore:
             self._fail(r, err)
 
     def _iteration(self) -> bool:
+        t_start = time.perf_counter()
         with self._cond:
             while not self._closed and not self._waiting and not self._active:
                 self._cond.wait()
+                t_start = time.perf_counter()
             if self._closed:
                 return False
             now = time.perf_counter()
             for r in [r for r in self._waiting if r.abort_requested or _expired(r, now)]:
                 self._waiting.remove(r)
                 self._finish_unadmitted(r, "abort" if r.abort_requested else "deadline")
-            while self._waiting and len(self._active) < self.max_batch:
+            while self._waiting and len(self._active) < self.max_batch:   # scheduler policy 1: FIFO, all that fit
                 r = self._waiting.popleft()
-                r.slot, r.admitted = len(self._active), now
+                r.slot, r.admitted = self._slots.index(None), now
+                self._slots[r.slot] = r
                 self._active.append(r)
-        if self._cache is None:
-            self._cache = self.backend.new_cache(self.max_batch, self.capacity)
+        if self._cache is None:  # one row more than max_batch: the scratch row that swaps go through
+            self._cache = self.backend.new_cache(self.max_batch + 1, self.capacity)
             if self.draft is not None:
-                self._draft_cache = self.draft.new_cache(self.max_batch, self.capacity)
+                self._draft_cache = self.draft.new_cache(self.max_batch + 1, self.capacity)
         now = time.perf_counter()
         for r in self._active:
             if r.abort_requested:
                 r.row.finish_reason = "abort"
             elif _expired(r, now):
                 r.row.finish_reason = "deadline"
-        self._prefill()
-        self._decode()
+        forward_s = self._step()
         self._send_and_free()
+        if forward_s is not None:
+            self.steps += 1
+            self.host_s += time.perf_counter() - t_start - forward_s
         return True
 
     def _forward_guarded(self, rows: list[Request], fn):
@@ -292,108 +297,153 @@ class EngineCore:
                 r.error = e if isinstance(e, EngineError) else EngineError(f"{type(e).__name__}: {e}")
             return None
 
-    def prefill_budget(self) -> int:
-        """Prompt tokens per iteration while rows decode: ~PREFILL_SHARE of a decode step."""
-        if self.prefill_chunk is not None:
+    def prompt_budget(self, n_decoding: int) -> int:
+        """Prompt tokens this iteration (engine/scheduler.py), or the fixed `prefill_chunk` override."""
+        if n_decoding and self.prefill_chunk:
             return self.prefill_chunk
-        if self._step_s is None or not self._prefill_token_s:
-            return MIN_CHUNK
-        return max(MIN_CHUNK, int(PREFILL_SHARE * self._step_s / self._prefill_token_s))
+        if self.prefill_chunk == 0:
+            return MAX_IDLE_TOKENS
+        return prompt_budget(n_decoding, self.max_batch, self.cost)
 
-    def _prefill(self) -> None:
-        pending = [r for r in self._active if not r.decoding and not r.done]
-        if not pending:
-            return
-        decoding = any(r.decoding and not r.done for r in self._active)
-        budget = self.prefill_budget() if decoding and self.prefill_chunk != 0 else None   # None: no limit
-        limit = self.backend.max_prompt or None
-        # Fresh prompts that fit whole, in consecutive rows: one batched forward from position 0.
-        group: list[Request] = []
-        for r in pending:
-            n = len(r.row.prompt_ids)
-            if r.prefilled or (group and r.slot != group[-1].slot + 1) or \
-                    (budget is not None and sum(len(g.row.prompt_ids) for g in group) + n > budget):
-                break
-            group.append(r)
-        if len(group) > 1:
-            view = self.backend.view(self._cache, group[0].slot, group[-1].slot + 1)
-            t0 = time.perf_counter()
-            logits = self._forward_guarded(group, lambda: prefill(self.backend, view, [g.row for g in group],
-                                                                  self.eos_id))
-            self._observe_prefill(time.perf_counter() - t0, sum(len(g.row.prompt_ids) for g in group))
-            if budget is not None:
-                budget -= sum(len(g.row.prompt_ids) for g in group)
-            if logits is not None:
-                for g in group:
-                    g.prefilled = len(g.row.prompt_ids)
-                self._first_tokens(group, logits)
-            pending = [r for r in pending if r not in group]
-        # Everything else: a chunk at a time on the request's own one-row view.
-        for r in pending:
-            if budget is not None and budget <= 0:
-                break
-            ids = r.row.prompt_ids
-            n = len(ids) - r.prefilled
-            if budget is not None:
-                n = min(n, budget)
-            if limit:
-                n = min(n, limit)
-            view = self.backend.view(self._cache, r.slot, r.slot + 1)
-            start = r.prefilled
-            chunk = np.asarray(ids[start:start + n], np.int64)[None]                # (1, n)
-            t0 = time.perf_counter()
-            logits = self._forward_guarded([r], lambda v=view, c=chunk, s=start, k=n: self.backend.forward(
-                v, c, np.array([s], np.int64), np.array([[k - 1]], np.int64)))
-            self._observe_prefill(time.perf_counter() - t0, n)
-            if budget is not None:
-                budget -= n
-            if logits is None:
-                continue
-            r.prefilled += n
-            if r.decoding:
-                self._first_tokens([r], logits[:, 0])
-
-    def _observe_prefill(self, seconds: float, tokens: int) -> None:
-        if tokens >= MIN_CHUNK:  # tiny prompts measure call overhead, not per-token cost
-            per = seconds / tokens
-            self._prefill_token_s = per if self._prefill_token_s is None else (1 - EMA) * self._prefill_token_s + EMA * per
-
-    def _first_tokens(self, rows: list[Request], logits: np.ndarray) -> None:
-        """Sample each freshly prefilled row's first token (its TTFT)."""
-        self._sample(rows, logits)
-
-    def _decode(self) -> None:
-        decoders = [r for r in self._active if r.decoding and not r.done and r.token_times]
-        # Rows that got their first token in this iteration's prefill join this step too.
-        if not decoders:
-            return
-        solo = self._policy is not None and len(decoders) == len(self._active) == 1
-        if solo:
-            r = decoders[0]
-            k_cap = min(self.draft_k, self.capacity - 1 - r.filled, r.row.params.max_new_tokens - len(r.row.generated) - 1)
-            k, probe = self._policy.choose_k(r.drafts_accepted, r.draft_trials, r.plain_since_round, r.probes, k_cap)
-            r.probes += probe
-            if k >= 1:
-                self._speculate(r, k)
-                r.plain_since_round = 0
-                return
-            r.plain_since_round += 1
-        hi = max(r.slot for r in decoders) + 1
-        tokens = np.full(hi, self.eos_id, np.int64)                                   # (hi,)
-        positions = np.zeros(hi, np.int64)                                            # (hi,)
-        for r in self._active[:hi]:
-            # Rows still prefilling sit inside the range: a dummy token at their next prompt slot, which
-            # their next chunk overwrites (compaction keeps such rows few and at the end).
-            positions[r.slot] = min(r.filled, self.capacity - 1)
-        for r in decoders:
-            tokens[r.slot] = r.last_token
-        view = self.backend.view(self._cache, 0, hi)
+    def _step(self) -> float | None:
+        """Plan one iteration, arrange the pool to fit it, run it as one forward, sample. Returns the
+        forward time (None: nothing ran)."""
+        live = [r for r in self._active if not r.done]
+        if not live:
+            return None
+        if self._policy is not None and len(self._active) == 1 and live[0].decoding and live[0].token_times:
+            return self._decode_alone(live[0])
+        infos = [RowInfo(r.id, len(r.row.prompt_ids), r.prefilled, r.decoding and bool(r.token_times)) for r in live]
+        n_dec = sum(i.decoding for i in infos)
+        plan = schedule(infos, self.prompt_budget(n_dec), self.capacity, self.backend.max_prompt or 0,
+                        self.backend.max_batch)
+        if plan.empty:
+            return None
+        by_key = {r.id: r for r in live}
+        decode = [by_key[k] for k in plan.decode]
+        first = [by_key[plan.first_chunk.key]] if plan.first_chunk else decode
+        chunks = [by_key[c.key] for c in plan.chunks]
+        self._arrange(first + chunks)
+        segs = self._segments(plan, first, chunks)
         t0 = time.perf_counter()
-        logits = self._forward_guarded(decoders, lambda: decode_step(self.backend, view, tokens, positions))
+        logits = self._forward_guarded(first + chunks, lambda: self._run_segments(*segs))
         dt = time.perf_counter() - t0
-        self._step_s = dt if self._step_s is None else (1 - EMA) * self._step_s + EMA * dt
+        self.cost.observe(plan.tokens, dt)
+        if logits is None:
+            return dt
+        first_logits, chunk_logits = logits
+        if decode:
+            self._sample(decode, first_logits[:, 0])
+        else:
+            self._prompt_done([(first[0], plan.first_chunk, first_logits[0])])
+        self._prompt_done([(r, c, chunk_logits[b]) for b, (r, c) in enumerate(zip(chunks, plan.chunks))])
+        return dt
+
+    def _segments(self, plan: StepPlan, first: list[Request], chunks: list[Request]) -> tuple[Segment, Segment | None]:
+        """The plan's forward inputs: the first segment at rows [0, len(first)), the chunk segment after it."""
+        if plan.first_chunk is None:                                      # decode rows, one token each
+            ids = np.array([[r.last_token] for r in first], np.int64)                          # (B, 1)
+            pos = np.array([r.filled for r in first], np.int64)                                # (B,)
+            seg = Segment(0, len(first), ids, pos, np.zeros((len(first), 1), np.int64))
+        else:
+            seg = self._chunk_segment(0, first, [plan.first_chunk], plan.first_chunk.length)
+        rest = self._chunk_segment(len(first), chunks, list(plan.chunks), plan.chunk_len) if chunks else None
+        return seg, rest
+
+    def _chunk_segment(self, start: int, rows: list[Request], chunks: list[Chunk], T: int) -> Segment:
+        ids = np.full((len(rows), T), self.eos_id, np.int64)                                    # (Bc, T) right-padded
+        for b, (r, c) in enumerate(zip(rows, chunks)):
+            ids[b, :c.length] = r.row.prompt_ids[c.start:c.start + c.length]
+        pos = np.array([c.start for c in chunks], np.int64)                                     # (Bc,)
+        if any(r.prompt_logprobs is not None for r in rows):   # every position's logits (clamped to the row's)
+            idx = np.minimum(np.arange(T)[None], np.array([c.length - 1 for c in chunks])[:, None])  # (Bc, T)
+        else:
+            idx = np.array([[c.length - 1] for c in chunks], np.int64)                          # (Bc, 1)
+        return Segment(start, start + len(rows), ids, pos, idx)
+
+    def _run_segments(self, first: Segment, chunk: Segment | None) -> tuple[np.ndarray, np.ndarray | None]:
+        if chunk is None:
+            view = self.backend.view(self._cache, first.start, first.stop)
+            return self.backend.forward(view, first.input_ids, first.cache_positions, first.logits_indices), None
+        if self.mixed_steps:
+            return self.backend.forward_mixed(self._cache, first, chunk)
+        # No chunk segment in this graph (an older export, TensorRT): the chunk rows get a forward of their own.
+        a = self.backend.forward(self.backend.view(self._cache, first.start, first.stop), first.input_ids,
+                                 first.cache_positions, first.logits_indices)
+        self.forward_calls += 1
+        b = self.backend.forward(self.backend.view(self._cache, chunk.start, chunk.stop), chunk.input_ids,
+                                 chunk.cache_positions, chunk.logits_indices)
+        return a, b
+
+    def _prompt_done(self, items: list[tuple[Request, Chunk, np.ndarray]]) -> None:
+        """Chunks ran: advance each prompt; a chunk that ends its prompt samples the first token (TTFT)."""
+        finished = []
+        for r, c, lg in items:                                   # lg: (K, V), K = 1 or every position
+            if r.prompt_logprobs is not None:
+                self._score_prompt(r, c, lg)
+            r.prefilled = c.start + c.length
+            if c.last:
+                finished.append((r, lg[min(c.length - 1, len(lg) - 1)]))
+        if finished:
+            self._sample([r for r, _ in finished], np.stack([lg for _, lg in finished]))
+
+    def _score_prompt(self, r: Request, c: Chunk, logits: np.ndarray) -> None:
+        """Prompt logprobs: position p's logits score prompt token p + 1 (token 0 has no context)."""
+        ids = r.row.prompt_ids
+        n = min(c.length, len(ids) - 1 - c.start)                # positions whose next token is in the prompt
+        if n > 0:
+            k = r.row.params.prompt_logprobs
+            lp, top_ids, top_lp = sequence_logprobs(logits[:n], np.asarray(ids[c.start + 1:c.start + 1 + n]), k)
+            r.prompt_logprobs.extend(TokenLogprob(int(t), float(x), list(zip(ti.tolist(), tl.tolist())))
+                                     for t, x, ti, tl in zip(ids[c.start + 1:c.start + 1 + n], lp, top_ids, top_lp))
+
+    def _arrange(self, order: list[Request]) -> None:
+        """Put order[i] in slot i (each segment is a contiguous run of rows): a request moves into a free
+        slot with one row copy, or swaps with the slot's holder through the scratch row (three)."""
+        scratch = self.max_batch
+        for i, r in enumerate(order):
+            if r.slot == i:
+                continue
+            other = self._slots[i]
+            if other is None:
+                self._move(r, r.slot, i)
+            else:
+                self._move(other, i, scratch)
+                src = r.slot
+                self._move(r, src, i)
+                self._move(other, scratch, src)
+
+    def _move(self, r: Request, src: int, dst: int) -> None:
+        """Copy r's filled slots from row src to row dst (target and draft pools) and record it there."""
+        self.backend.copy_row(self._cache, src, dst, r.filled)
+        if self.draft is not None and r.draft_filled:
+            self.draft.copy_row(self._draft_cache, src, dst, r.draft_filled)
+        if src < self.max_batch and self._slots[src] is r:
+            self._slots[src] = None
+        if dst < self.max_batch:
+            self._slots[dst] = r
+        r.slot = dst
+
+    def _decode_alone(self, r: Request) -> float:
+        """The lone decoding request with a draft model: a speculative round when it pays, else a plain step."""
+        row = r.row
+        k_cap = min(self.draft_k, self.capacity - 1 - r.filled, row.params.max_new_tokens - len(row.generated) - 1)
+        k, probe = self._policy.choose_k(r.drafts_accepted, r.draft_trials, r.plain_since_round, r.probes, k_cap)
+        r.probes += probe
+        t0 = time.perf_counter()
+        if k >= 1:
+            self._speculate(r, k)
+            r.plain_since_round = 0
+            return time.perf_counter() - t0
+        r.plain_since_round += 1
+        view = self.backend.view(self._cache, r.slot, r.slot + 1)
+        logits = self._forward_guarded([r], lambda: decode_step(self.backend, view, np.array([r.last_token], np.int64),
+                                                                 np.array([r.filled], np.int64)))
+        dt = time.perf_counter() - t0
+        self.cost.observe(1, dt)
         if logits is not None:
-            self._sample(decoders, logits[[r.slot for r in decoders]])
+            self._sample([r], logits)
+        return dt
 
     def _speculate(self, r: Request, k: int) -> None:
         """One speculative round for the lone decoding request r (slot r.slot): draft k, verify, accept."""
@@ -471,22 +521,16 @@ class EngineCore:
         done = [r for r in self._active if r.done]
         if done:
             with self._cond:
-                for r in sorted(done, key=lambda r: r.slot, reverse=True):
+                for r in done:
                     self._free(r)
         for r, d in deltas:
             _deliver(r, d)
 
     def _free(self, r: Request) -> None:
-        """Give r's row back; the last active row moves into it (its filled slots are copied), so the
-        active rows stay [0, n). Called in descending slot order: the last row is never one being freed."""
-        last = self._active[-1]
-        if last is not r:
-            self.backend.copy_row(self._cache, last.slot, r.slot, last.filled)
-            if self.draft is not None:
-                self.draft.copy_row(self._draft_cache, last.slot, r.slot, last.draft_filled)
-            self._active[r.slot] = last
-            last.slot = r.slot
-        self._active.pop()
+        """Give r's slot back. Rows are not compacted here: the next plan's `_arrange` moves only what
+        its segments need."""
+        self._slots[r.slot] = None
+        self._active.remove(r)
         r.slot = None
 
     def _finish_unadmitted(self, r: Request, reason: str) -> None:

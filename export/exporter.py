@@ -126,7 +126,7 @@ def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str 
                 "tokenizer_file": io.TOKENIZER_FILE,
                 "cache": {"max_capacity": cfg.n_positions, "dtype": "float16" if precision == "fp16" else "float32",
                           "layout": "(batch, n_head, capacity, head_dim)", "padding": "right"},
-                "io": io.io_spec(cfg, precision),
+                "io": io.io_spec(cfg, precision, chunk_segment=attention == "gqa"),
                 "source": ckpt.source,
                 "export_seconds": round(time.perf_counter() - t0, 2),
             }

@@ -95,7 +95,9 @@ class _Graph:
         self.gemm_out_shape: str | None = None  # set: linear layers are 2-D Gemms reshaped to this
         self.skip_norm = False  # residual Add + LayerNorm as one SkipLayerNormalization (the ORT CPU graphs)
         self.int8 = False       # weight matmuls as MatMulNBits, quantized while the graph is built
+        self.flat = False       # the token stream is (N, C): both segments' tokens, one row each (gqa)
         self._counts: dict[str, int] = {}
+        self._consts: dict[str, np.ndarray] = {}
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, name: str | None = None,
            out: str | None = None, outs: list[str | None] | None = None, **attrs) -> str | list[str]:
@@ -112,8 +114,14 @@ class _Graph:
         return outputs[0] if n_out == 1 else outputs
 
     def const(self, name: str, value: np.ndarray) -> str:
+        """A small constant, named in the current scope; asked for again there, the same one."""
         full = f"{self.scope}/{name}" if self.scope else name
-        self.initializers.append(numpy_helper.from_array(np.asarray(value), full))
+        value = np.asarray(value)
+        if full in self._consts:
+            assert np.array_equal(self._consts[full], value) and self._consts[full].dtype == value.dtype, full
+            return full
+        self._consts[full] = value
+        self.initializers.append(numpy_helper.from_array(value, full))
         return full
 
     def weight(self, key: str, array: np.ndarray, dtype: int) -> str:
@@ -150,6 +158,8 @@ def _linear(g: _Graph, x: str, prefix: str, w: dict[str, np.ndarray]) -> str:
         # MatMulNBits then Add: ONNX Runtime folds the bias into the MatMulNBits node when it loads.
         return g.op("Add", [_matmul_int8(g, x, f"{prefix}.weight", w[f"{prefix}.weight"], prefix.split(".", 2)[2]), b])
     W = g.weight(f"{prefix}.weight", w[f"{prefix}.weight"], g.compute)
+    if g.flat and g.compute == FLOAT:
+        return g.op("Gemm", [x, W, b])                                              # (N, out): rows already 2-D
     if g.gemm_out_shape:
         # fp32: one Gemm over the (B*T, in) rows adds the bias inside the GEMM, where MatMul + Add makes a
         # second pass over the output (prefill 512 measured ~3% faster). int8 keeps MatMul + Add, the
@@ -194,9 +204,9 @@ def _attention(g: _Graph, h: str, i: int, cfg: GPT2Config, w: dict[str, np.ndarr
     qkv = _linear(g, h, f"{p}.c_attn", w)                                          # (B, T, 3C)
     g.scope = f"/{p}"
     if ctx["variant"] == "gqa":
-        y = _attention_gqa(g, qkv, i, cfg, ctx)                                     # (B, T, C)
+        y = _attention_segments(g, qkv, i, cfg, ctx)                                # (N, C)
         g.scope = f"/{p}/c_proj"
-        return _linear(g, y, f"{p}.c_proj", w)                                      # (B, T, C)
+        return _linear(g, y, f"{p}.c_proj", w)                                      # (N, C)
     q, k, v = g.op("Split", [qkv, g.const("split", np.array([C, C, C], np.int64))], n_out=3, axis=-1)
     heads = g.const("heads_shape", np.array([0, 0, nh, hs], np.int64))
     q, k, v = (g.op("Transpose", [g.op("Reshape", [t, heads])], perm=[0, 2, 1, 3]) for t in (q, k, v))  # (B, nh, T, hs)
@@ -221,17 +231,57 @@ def _attention(g: _Graph, h: str, i: int, cfg: GPT2Config, w: dict[str, np.ndarr
     return _linear(g, y, f"{p}.c_proj", w)                                          # (B, T, C)
 
 
+def _attention_segments(g: _Graph, qkv: str, i: int, cfg: GPT2Config, ctx: dict[str, str]) -> str:
+    """The two segments' attention over their own views of the slot pool: the first segment's rows
+    (decode steps; or a prompt when nothing decodes) in GroupQueryAttention, the chunk segment's rows
+    (prompt chunks at any positions) in elementary ops. Returns (N, C): first segment's tokens first."""
+    C = cfg.n_embd
+    qkv_a, qkv_b = g.op("Split", [qkv, ctx["split_tokens"]], n_out=2, axis=0)    # (N_a, 3C), (N_b, 3C)
+    y_a = _attention_gqa(g, g.op("Reshape", [qkv_a, ctx["qkv_shape"]]), i, cfg, ctx)  # (B, T, C)
+    y_a = g.op("Reshape", [y_a, g.const("rows_c", np.array([-1, C], np.int64))])  # (N_a, C)
+    y_b = _attention_chunk(g, qkv_b, i, cfg, ctx)                                   # (N_b, C)
+    return g.op("Concat", [y_a, y_b], axis=0)                                       # (N, C)
+
+
 def _attention_gqa(g: _Graph, qkv: str, i: int, cfg: GPT2Config, ctx: dict[str, str]) -> str:
     """ONNX Runtime's GroupQueryAttention (com.microsoft) with as many KV heads as query heads: it reads
     c_attn's packed (B, T, 3C) output as is (no Split/Transpose), writes the new keys/values into the
     shared past/present buffer at each row's slot and attends over each row's own filled length only
     (seqlens_k), where ONNX Attention scans the whole capacity. Limits (ORT's): T > 1 on top of a
-    filled cache needs batch 1, so the backend feeds such calls a token at a time."""
+    filled cache needs batch 1 (the chunk segment takes such rows), and no empty batch (ORT 1.32
+    crashes on one: the engine puts its rows in this segment whenever a step has any)."""
     y, _, _ = g.op("GroupQueryAttention", [qkv, "", "", io.past_key(i), io.past_value(i),
                                            ctx["seqlens_k"], ctx["total_len"]], n_out=3,
                    outs=[None, io.present_key(i), io.present_value(i)], domain="com.microsoft",
                    num_heads=cfg.n_head, kv_num_heads=cfg.n_head)
     return y
+
+
+def _attention_chunk(g: _Graph, qkv: str, i: int, cfg: GPT2Config, ctx: dict[str, str]) -> str:
+    """The chunk segment: rows of T new tokens each at any positions (right-padded), which no ORT CPU
+    attention kernel takes at batch > 1 on a filled cache. TensorScatter writes the new keys/values in
+    place (the runtime binds chunk past and present to one view of the pool); scores cover the slots
+    [0, L), L = the longest row's filled length after this call, under the per-row causal mask. Every
+    op here accepts an empty batch, so a step without chunk rows pays only a few empty kernels."""
+    C, hs = cfg.n_embd, cfg.head_dim
+    g.scope = f"/h.{i}/attn/chunk"
+    qkv = g.op("Reshape", [qkv, ctx["chunk_heads_shape"]])                         # (Bc, Tc, 3, nh, hs)
+    qkv = g.op("Transpose", [qkv], perm=[2, 0, 3, 1, 4])                            # (3, Bc, nh, Tc, hs)
+    q, k, v = (g.op("Squeeze", [t, g.const("axis0", np.array([0], np.int64))])
+               for t in g.op("Split", [qkv], n_out=3, axis=0))                      # (Bc, nh, Tc, hs)
+    chunk_pos = io.chunk_name(io.CACHE_POSITIONS)
+    present_k = g.op("TensorScatter", [io.chunk_name(io.past_key(i)), k, chunk_pos], name="key_cache/TensorScatter",
+                     out=io.chunk_name(io.present_key(i)), axis=-2)                 # (Bc, nh, S, hs)
+    present_v = g.op("TensorScatter", [io.chunk_name(io.past_value(i)), v, chunk_pos], name="value_cache/TensorScatter",
+                     out=io.chunk_name(io.present_value(i)), axis=-2)               # (Bc, nh, S, hs)
+    zero, axis2 = g.const("zero1", np.array([0], np.int64)), g.const("axis2", np.array([2], np.int64))
+    keys = g.op("Slice", [present_k, zero, ctx["chunk_L"], axis2])                  # (Bc, nh, L, hs)
+    values = g.op("Slice", [present_v, zero, ctx["chunk_L"], axis2])                # (Bc, nh, L, hs)
+    q = g.op("Mul", [q, g.const("scale", np.float32(1.0 / math.sqrt(hs)))])
+    scores = g.op("MatMul", [q, g.op("Transpose", [keys], perm=[0, 1, 3, 2])])     # (Bc, nh, Tc, L)
+    probs = g.op("Softmax", [g.op("Add", [scores, ctx["chunk_mask"]])], axis=-1)    # (Bc, nh, Tc, L)
+    y = g.op("Transpose", [g.op("MatMul", [probs, values])], perm=[0, 2, 1, 3])    # (Bc, Tc, nh, hs)
+    return g.op("Reshape", [y, g.const("rows_c", np.array([-1, C], np.int64))])    # (N_b, C)
 
 
 def _attention_ops(g: _Graph, q: str, present_k: str, present_v: str, hs: int, ctx: dict[str, str]) -> str:
@@ -264,7 +314,7 @@ def _to_compute(g: _Graph, x: str) -> str:
     return g.cast(x, g.compute) if g.compute != FLOAT else x
 
 
-def _positions_and_mask(g: _Graph, attention: str) -> dict[str, str]:
+def _positions_and_mask(g: _Graph, cfg: GPT2Config, attention: str) -> dict[str, str]:
     """Shared per-call values: absolute positions, each row's key count and (for the elementary-ops
     attention) the attended length L and the additive causal mask."""
     g.scope = "/positions"
@@ -278,10 +328,7 @@ def _positions_and_mask(g: _Graph, attention: str) -> dict[str, str]:
         return {"variant": "fused", "positions": positions,
                 "kv_len": g.op("Add", [io.CACHE_POSITIONS, T1])}                    # (B,) keys per row
     if attention == "gqa":
-        kv_len = g.op("Add", [io.CACHE_POSITIONS, T1])                              # (B,) keys per row
-        return {"variant": "gqa", "positions": positions,
-                "seqlens_k": g.cast(g.op("Sub", [kv_len, g.const("one_i64", np.array([1], np.int64))]), INT32),  # (B,) int32
-                "total_len": g.cast(g.op("ReduceMax", [kv_len], keepdims=0), INT32)}  # () int32
+        return _segments(g, cfg, positions, T1)
     g.scope = "/mask"
     S = g.op("Gather", [g.op("Shape", [io.past_key(0)]), g.const("seq_axis", np.int64(2))])  # () = S, static per engine
     key_pos = g.op("Range", [g.const("zero", np.int64(0)), S, g.const("one", np.int64(1))])  # (S,)
@@ -291,6 +338,62 @@ def _positions_and_mask(g: _Graph, attention: str) -> dict[str, str]:
     mask = g.op("Where", [allowed, g.const("zero_f", np.float32(0.0)), g.const("neg", np.float32(MASK_VALUE))])
     mask = g.op("Unsqueeze", [mask, g.const("axis1", np.array([1], np.int64))])    # (B, 1, T, S) fp32
     return {"variant": "ops", "positions": positions, "mask": mask}
+
+
+def _segments(g: _Graph, cfg: GPT2Config, positions: str, T1: str) -> dict[str, str]:
+    """The GroupQueryAttention graphs' two segments: the first (B, T) rows and the chunk segment's
+    (Bc, Tc) rows, flattened into one token stream (N, C) = (B*T + Bc*Tc, C) that every matmul reads
+    once; attention splits it again (_attention_segments). Per-call values for both segments."""
+    one = g.const("one1", np.array([1], np.int64))
+    flat = g.const("flat", np.array([-1], np.int64))
+    kv_len = g.op("Add", [io.CACHE_POSITIONS, T1])                                  # (B,) keys per row
+    ctx = {"variant": "gqa",
+           "seqlens_k": g.cast(g.op("Sub", [kv_len, one]), INT32),                  # (B,) int32
+           "total_len": g.cast(g.op("ReduceMax", [kv_len], keepdims=0), INT32)}     # () int32
+    shape = g.op("Shape", [io.INPUT_IDS])                                           # (2,) = [B, T]
+    ctx["qkv_shape"] = g.op("Concat", [shape, g.const("qkv_width", np.array([-1], np.int64))], axis=0)  # [B, T, -1]
+
+    g.scope = "/chunk_positions"
+    c_ids, c_pos = io.chunk_name(io.INPUT_IDS), io.chunk_name(io.CACHE_POSITIONS)
+    c_shape = g.op("Shape", [c_ids])                                                # (2,) = [Bc, Tc]
+    c_T1 = g.op("Slice", [c_shape, one, g.const("two1", np.array([2], np.int64))])  # (1,) = Tc
+    c_steps = g.op("Range", [g.const("zero", np.int64(0)), g.op("Squeeze", [c_T1]), g.const("one", np.int64(1))])  # (Tc,)
+    c_positions = g.op("Add", [g.op("Unsqueeze", [c_pos, g.const("axis1", np.array([1], np.int64))]),
+                               g.op("Unsqueeze", [c_steps, g.const("axis0", np.array([0], np.int64))])])  # (Bc, Tc)
+    # L: the slots any chunk row attends (at least 1, so an empty segment's shapes stay valid).
+    L = g.op("Max", [g.op("ReduceMax", [g.op("Add", [c_pos, c_T1])], keepdims=1), one])  # (1,)
+    key_pos = g.op("Range", [g.const("zero", np.int64(0)), g.op("Squeeze", [L]), g.const("one", np.int64(1))])  # (L,)
+    allowed = g.op("LessOrEqual", [
+        g.op("Unsqueeze", [key_pos, g.const("axes01", np.array([0, 1], np.int64))]),           # (1, 1, L)
+        g.op("Unsqueeze", [c_positions, g.const("axis2", np.array([2], np.int64))])])          # (Bc, Tc, 1) -> (Bc, Tc, L)
+    mask = g.op("Where", [allowed, g.const("zero_f", np.float32(0.0)), g.const("neg", np.float32(MASK_VALUE))])
+    ctx["chunk_mask"] = g.op("Unsqueeze", [mask, g.const("axis1", np.array([1], np.int64))])  # (Bc, 1, Tc, L)
+    ctx["chunk_L"] = L
+    ctx["chunk_heads_shape"] = g.op("Concat", [c_shape, g.const("heads", np.array([3, cfg.n_head, cfg.head_dim], np.int64))],
+                                    axis=0)                                         # (5,) = [Bc, Tc, 3, nh, hs]
+
+    g.scope = "/tokens"
+    n_a = g.op("ReduceProd", [shape], keepdims=1)                                   # (1,) = B*T
+    n_b = g.op("ReduceProd", [c_shape], keepdims=1)                                 # (1,) = Bc*Tc
+    ctx["split_tokens"] = g.op("Concat", [n_a, n_b], axis=0)                       # (2,)
+    ctx["ids"] = g.op("Concat", [g.op("Reshape", [io.INPUT_IDS, flat]), g.op("Reshape", [c_ids, flat])], axis=0)  # (N,)
+    ctx["positions"] = g.op("Concat", [g.op("Reshape", [positions, flat]), g.op("Reshape", [c_positions, flat])],
+                            axis=0)                                                 # (N,)
+    # Logits rows: each segment's (row, index) -> its token's row in the flat stream.
+    g.scope = "/logits_rows"
+    rows = []
+    for ids_shape, indices, offset in ((shape, io.LOGITS_INDICES, None), (c_shape, io.chunk_name(io.LOGITS_INDICES), n_a)):
+        B = g.op("Squeeze", [g.op("Slice", [ids_shape, g.const("zero1", np.array([0], np.int64)), one])])  # ()
+        T = g.op("Slice", [ids_shape, one, g.const("two1", np.array([2], np.int64))])                      # (1,)
+        starts = g.op("Mul", [g.op("Range", [g.const("zero", np.int64(0)), B, g.const("one", np.int64(1))]), T])  # (B,)
+        if offset is not None:
+            starts = g.op("Add", [starts, offset])
+        r = g.op("Add", [indices, g.op("Unsqueeze", [starts, g.const("axis1", np.array([1], np.int64))])])  # (B, K)
+        rows.append(g.op("Reshape", [r, flat]))                                     # (B*K,)
+    ctx["logits_rows"] = g.op("Concat", rows, axis=0)                               # (K_a + K_b,)
+    ctx["split_logits"] = g.op("Concat", [g.op("Reshape", [g.op("Size", [t]), one])
+                                          for t in (io.LOGITS_INDICES, io.chunk_name(io.LOGITS_INDICES))], axis=0)  # (2,)
+    return ctx
 
 
 ATTENTION_VARIANTS = ("fused", "ops", "gqa")
@@ -339,9 +442,10 @@ def build_decoder_graph(cfg: GPT2Config, weights: dict[str, np.ndarray], precisi
 
 def _build(cfg: GPT2Config, weights: dict[str, np.ndarray], precision: str, attention: str,
            progress: Callable[[int], None] | None, g: _Graph) -> onnx.ModelProto:
-    ctx = _positions_and_mask(g, attention)
+    ctx = _positions_and_mask(g, cfg, attention)
     g.int8 = precision == "int8"
-    if precision == "fp32":
+    g.flat = attention == "gqa"  # two segments, one (N, C) token stream
+    if precision == "fp32" and not g.flat:
         g.gemm_out_shape = g.op("Concat", [g.op("Shape", [io.INPUT_IDS]), g.const("last_dim", np.array([-1], np.int64))],
                                 axis=0)                                             # (3,) = [B, T, -1]
 
@@ -353,7 +457,8 @@ def _build(cfg: GPT2Config, weights: dict[str, np.ndarray], precision: str, atte
     g.skip_norm = attention == "gqa"  # com.microsoft is imported anyway; TensorRT / CUDA graphs keep ONNX ops
     # Each residual sum is made together with the LayerNorm that reads it (_residual_norm); the last
     # block's MLP sum goes to the LM head's row gather first.
-    x, y = _to_residual(g, g.op("Gather", [wte, io.INPUT_IDS])), _to_residual(g, g.op("Gather", [wpe, ctx["positions"]]))
+    ids = ctx.get("ids", io.INPUT_IDS)                                              # (B, T), or (N,) flat
+    x, y = _to_residual(g, g.op("Gather", [wte, ids])), _to_residual(g, g.op("Gather", [wpe, ctx["positions"]]))
     for i in range(cfg.n_layer):
         g.scope = f"/h.{i}/ln_1"
         x, h = _residual_norm(g, x, y, f"h.{i}.ln_1", weights, eps)              # (B, T, C) fp32: embeddings / previous MLP
@@ -368,8 +473,11 @@ def _build(cfg: GPT2Config, weights: dict[str, np.ndarray], precision: str, atte
 
     # Only the requested positions go through the final norm and the LM head.
     g.scope = "/logits"
-    idx = g.op("Unsqueeze", [io.LOGITS_INDICES, g.const("last", np.array([-1], np.int64))])  # (B, K, 1)
-    x = g.op("GatherND", [x, idx], batch_dims=1)                                    # (B, K, C)
+    if g.flat:
+        x = g.op("Gather", [x, ctx["logits_rows"]], axis=0)                         # (K_a + K_b, C)
+    else:
+        idx = g.op("Unsqueeze", [io.LOGITS_INDICES, g.const("last", np.array([-1], np.int64))])  # (B, K, 1)
+        x = g.op("GatherND", [x, idx], batch_dims=1)                                # (B, K, C)
     g.scope = "/ln_f"
     x = _to_compute(g, _layer_norm(g, x, "ln_f", weights, cfg.layer_norm_epsilon))
     g.scope = "/lm_head"
@@ -390,14 +498,21 @@ def _build(cfg: GPT2Config, weights: dict[str, np.ndarray], precision: str, atte
             g.initializers.append(ExternalData.alias(HEAD_ALIAS, wte_tensor))
             head = HEAD_ALIAS
         logits = g.op("Gemm", [flat, head], transB=1)                               # (B*K, V)
-    out_shape = g.op("Concat", [g.op("Shape", [io.LOGITS_INDICES]), g.const("vocab", np.array([cfg.vocab_size], np.int64))], axis=0)
-    logits = g.op("Reshape", [logits, out_shape])                                   # (B, K, V)
-    if g.compute != FLOAT:
-        logits = g.op("Cast", [logits], out=io.LOGITS, to=FLOAT)                     # (B, K, V) fp32
+    vocab = g.const("vocab", np.array([cfg.vocab_size], np.int64))
+    if g.flat:  # each segment's rows back to its (B, K, V)
+        parts = g.op("Split", [logits, ctx["split_logits"]], n_out=2, axis=0)      # (K_a, V), (K_b, V)
+        for part, indices, name in ((parts[0], io.LOGITS_INDICES, io.LOGITS),
+                                    (parts[1], io.chunk_name(io.LOGITS_INDICES), io.chunk_name(io.LOGITS))):
+            g.op("Reshape", [part, g.op("Concat", [g.op("Shape", [indices]), vocab], axis=0)], out=name)  # (B, K, V)
     else:
-        g.nodes[-1].output[0] = io.LOGITS  # rename the Reshape's output: no extra node in fp32
+        out_shape = g.op("Concat", [g.op("Shape", [io.LOGITS_INDICES]), vocab], axis=0)
+        logits = g.op("Reshape", [logits, out_shape])                               # (B, K, V)
+        if g.compute != FLOAT:
+            logits = g.op("Cast", [logits], out=io.LOGITS, to=FLOAT)                 # (B, K, V) fp32
+        else:
+            g.nodes[-1].output[0] = io.LOGITS  # rename the Reshape's output: no extra node in fp32
 
-    spec = io.io_spec(cfg, precision)
+    spec = io.io_spec(cfg, precision, chunk_segment=g.flat)
     dtype_of = {"int64": INT64, "float32": FLOAT, "float16": FLOAT16}
     inputs = [helper.make_tensor_value_info(t["name"], dtype_of[t["dtype"]], t["shape"]) for t in spec["inputs"]]
     outputs = [helper.make_tensor_value_info(t["name"], dtype_of[t["dtype"]], t["shape"]) for t in spec["outputs"]]

@@ -63,7 +63,7 @@ def test_one_allocation_per_generator_written_in_place(fresh_gen, caches):
     assert len(caches) == 1, f"generate allocated {len(caches)} caches"
     cache = caches[0]
     L, n = len(out.prompt_token_ids), len(out.token_ids)
-    assert n == 20 and cache.batch == 4 and cache.capacity == tiny_gen.max_context
+    assert n == 20 and cache.batch == 4 + 1 and cache.capacity == tiny_gen.max_context   # + the scratch row (swaps)
 
     # The numpy arrays are the buffers ORT used: past input, present output and array share memory, in the
     # pool's binding and in the one-row view the request ran on (rows [0, 1): the same addresses).
@@ -186,17 +186,33 @@ def test_batched_prefill_and_decode_equal_each_rows_full_forward(tiny_gen):
 
 def test_chunked_prefill_equals_one_shot_prefill(tiny_model, caches):
     """Backends with a prefill limit (`max_prompt`, e.g. a TensorRT profile) get prompts in chunks; on
-    ORT, forced to chunks of 7, the tokens and every cache slot equal a one-shot prefill (two fresh
-    Generators: the same requests finish in the same order, so their pools end up alike)."""
+    ORT, forced to chunks of 7, the tokens and every cache slot each request wrote equal a one-shot
+    prefill (two fresh Generators; the loop may place a request in other rows in the two runs, so each
+    request's row is read where it ended)."""
     prompts = [PROMPTS[1], PROMPTS[3], PROMPTS[2], " the" * 30]  # last tokens in chunks 2, 0, 1 and 4
     params = [SamplingParams(max_new_tokens=n, seed=n) for n in (10, 4, 7, 12)]
-    with load_generator(tiny_model, max_batch=4) as gen:
+    ended = []                                                  # per run: prompt -> (row, slots filled)
+
+    def recording(gen):
+        free, rows = gen.core._free, {}
+        ended.append(rows)
+
+        def record(r):
+            rows[tuple(r.row.prompt_ids)] = (r.slot, r.filled)
+            free(r)
+        gen.core._free = record
+        return gen
+    with recording(load_generator(tiny_model, max_batch=4)) as gen:
         one_shot = gen.generate(prompts, params)
-    with load_generator(tiny_model, max_batch=4) as gen:
+    with recording(load_generator(tiny_model, max_batch=4)) as gen:
         gen.backend.max_prompt = 7
         chunked = gen.generate(prompts, params)
     assert [o.token_ids for o in chunked] == [o.token_ids for o in one_shot]
     assert [o.text for o in chunked] == [o.text for o in one_shot]
     a, b = caches
-    for x, y in zip(a.arrays, b.arrays):
-        np.testing.assert_allclose(y, x, rtol=0, atol=1e-5)
+    assert len(ended[0]) == len(ended[1]) == 4
+    for key, (row_a, n) in ended[0].items():
+        row_b, n_b = ended[1][key]
+        assert n == n_b
+        for x, y in zip(a.arrays, b.arrays):
+            np.testing.assert_allclose(y[row_b, :, :n], x[row_a, :, :n], rtol=0, atol=1e-5)

@@ -294,7 +294,8 @@ def test_graph_form_and_manifest_io(zoo, case, precision):
     variant = manifest["attention"]  # "gqa": ORT GroupQueryAttention; "fused": ONNX Attention; "ops": MatMul/Softmax
     assert variant == (case.attention or ("ops" if precision == "fp16" else "gqa"))
     ops = {n.op_type for n in model.graph.node}
-    assert ("Attention" in ops) == (variant == "fused") and ("Softmax" in ops) == (variant == "ops")
+    # Softmax: the ops graph's attention, and the gqa graph's chunk segment (prompt chunks beside decode rows).
+    assert ("Attention" in ops) == (variant == "fused") and ("Softmax" in ops) == (variant in ("ops", "gqa"))
     assert manifest["opset"] == io.OPSET == 24
     if variant == "gqa":
         # The ORT-only graph: two contrib ops (GroupQueryAttention, which also writes the cache, and
@@ -307,7 +308,9 @@ def test_graph_form_and_manifest_io(zoo, case, precision):
         assert sum(n.op_type == "SkipLayerNormalization" for n in model.graph.node) == 2 * n_layer
         assert sum(n.op_type == "LayerNormalization" for n in model.graph.node) == 1  # ln_f
         assert {n.domain for n in model.graph.node} <= {"", "ai.onnx", "com.microsoft"}
-        assert "TensorScatter" not in ops
+        # GroupQueryAttention writes the first segment's cache; TensorScatter the chunk segment's (2 per layer).
+        assert sum(n.op_type == "TensorScatter" for n in model.graph.node) == 2 * n_layer
+        assert sum(n.op_type == "GroupQueryAttention" for n in model.graph.node) == n_layer
     else:
         # One opset, default domain only: the same graph serves ORT and the TensorRT parser.
         assert [(o.domain, o.version) for o in model.opset_import] == [("", io.OPSET)]
@@ -316,7 +319,8 @@ def test_graph_form_and_manifest_io(zoo, case, precision):
 
     # The manifest's I/O spec is the graph's I/O: names (in order), dtypes, ranks, fixed and symbolic dims.
     spec = manifest["io"]
-    assert spec == io.io_spec(case.config, precision)
+    assert spec == io.io_spec(case.config, precision, chunk_segment=variant == "gqa")
+    assert io.has_chunk_segment(manifest) == (variant == "gqa")
     for declared, actual in ((spec["inputs"], model.graph.input), (spec["outputs"], model.graph.output)):
         assert [t["name"] for t in declared] == [v.name for v in actual]
         for t, v in zip(declared, actual):
@@ -326,8 +330,12 @@ def test_graph_form_and_manifest_io(zoo, case, precision):
             assert dims == t["shape"], t["name"]
     cache_dtype = "float16" if precision == "fp16" else "float32"
     assert manifest["cache"]["dtype"] == cache_dtype
-    assert {t["dtype"] for t in spec["inputs"][3:]} == {cache_dtype}
-    assert [t["aliases"] for t in spec["outputs"][1:]] == [p for p, _ in io.cache_io_pairs(case.config.n_layer)]
+    n_small = 6 if variant == "gqa" else 3           # ids, positions, logits indices (per segment)
+    assert {t["dtype"] for t in spec["inputs"][n_small:]} == {cache_dtype}
+    pairs = [p for p, _ in io.cache_io_pairs(case.config.n_layer)]
+    if variant == "gqa":
+        pairs += [io.chunk_name(p) for p in pairs]
+    assert [t["aliases"] for t in spec["outputs"][n_small // 3:]] == pairs
 
     # One name per weight: every checkpoint tensor is an initializer of the same name.
     names = {t.name for t in model.graph.initializer}

@@ -49,6 +49,14 @@ class Counting:
             return forward(cache, input_ids, *args, **kwargs)
 
         monkeypatch.setattr(gen.backend, "forward", counting)
+        mixed = gen.backend.forward_mixed
+
+        def counting_mixed(cache, first, chunk):   # one forward: decode rows (or a prompt) + prompt chunks
+            self.calls += 1
+            self.decode_calls += first.input_ids.shape[1] == 1
+            return mixed(cache, first, chunk)
+
+        monkeypatch.setattr(gen.backend, "forward_mixed", counting_mixed)
 
 
 MIXED = [  # (prompt, params): greedy and seeded sampling, penalties, stops, short and long prompts

@@ -331,7 +331,8 @@ def _tiny_artifact(out, precision):
     graph = pytest.importorskip("export.graph", reason="export/graph.py not written yet")
     checkpoint = pytest.importorskip("export.checkpoint", reason="export/checkpoint.py not written yet")
     out.mkdir()
-    onnx.save_model(graph.build_decoder_graph(TINY, checkpoint.random_weights(TINY, seed=0), precision),
+    # The TensorRT graph family (elementary-ops attention, one segment) in either precision.
+    onnx.save_model(graph.build_decoder_graph(TINY, checkpoint.random_weights(TINY, seed=0), precision, attention="ops"),
                     str(out / io.MODEL_FILE))
     (out / io.TOKENIZER_FILE).write_text("{}")
     manifest = {"format_version": io.FORMAT_VERSION, "config": TINY.to_dict(), "precision": precision,

@@ -28,6 +28,7 @@ import numpy as np
 
 from engine import artifact as io
 from engine.artifact import Artifact
+from engine.backends.base import Segment
 from engine.errors import ArtifactError, BackendUnavailable, InputError
 
 _NP_DTYPE = {"float32": np.float32, "float16": np.float16}
@@ -92,6 +93,7 @@ class OrtCache:
     views: dict = field(default_factory=dict)  # (start, stop) -> OrtCache over those rows, made once
     root: OrtCache | None = None  # a view's whole cache (None: this is one)
     row0_huge: bool = False       # row 0 moved onto huge pages (lazy_zeros), on the root
+    mixed: dict = field(default_factory=dict)  # (first rows, chunk rows) -> IO binding of both, made once
 
 
 def release_freed_heap() -> None:
@@ -211,7 +213,7 @@ def write_prepacked(artifact: Artifact, threads: int | None = None) -> Path:
 def _check_io(session, artifact: Artifact) -> None:
     """The graph must have exactly the inputs/outputs that the manifest's config implies: the runtime
     binds by those names."""
-    spec = io.io_spec(artifact.config, artifact.precision)
+    spec = io.io_spec(artifact.config, artifact.precision, io.has_chunk_segment(artifact.manifest))
     for kind, actual in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
         declared = {t["name"] for t in spec[kind]}
         names = {t.name for t in actual}
@@ -289,6 +291,9 @@ class OrtBackend:
         self._ort = ort
         self._cache_dtype = _NP_DTYPE[artifact.manifest["cache"]["dtype"]]
         self._pairs = io.cache_io_pairs(self.config.n_layer)
+        # Graph version >= 5 (GroupQueryAttention): a chunk segment rides in the same forward.
+        self.mixed_steps = io.has_chunk_segment(artifact.manifest) and device == "cpu"
+        self._chunk_pairs = [(io.chunk_name(a), io.chunk_name(b)) for a, b in self._pairs]
 
     def _load_plain(self, ort, artifact: Artifact, so, providers) -> None:
         try:
@@ -317,11 +322,31 @@ class OrtBackend:
 
     def _bind_ortvalues(self, ovs: list, arrays: list, batch: int, capacity: int) -> OrtCache:
         binding = self.session.io_binding()
-        binding.bind_output(io.LOGITS, "cpu")  # bound first: output 0 (a rebind keeps its slot)
-        for (past, present), ov in zip(self._pairs, ovs):
+        self._bind_segment(binding, self._pairs, io.LOGITS, ovs)
+        if self.mixed_steps:  # the chunk segment empty: its inputs are zero rows
+            self._bind_empty_chunk(binding, capacity)
+        return OrtCache(batch, capacity, ovs, binding, arrays)
+
+    @staticmethod
+    def _bind_segment(binding, pairs: list[tuple[str, str]], logits: str, ovs: list) -> None:
+        binding.bind_output(logits, "cpu")  # bound first: the segment's first output (a rebind keeps its slot)
+        for (past, present), ov in zip(pairs, ovs):
             binding.bind_ortvalue_input(past, ov)
             binding.bind_ortvalue_output(present, ov)  # same buffer: the graph writes in place
-        return OrtCache(batch, capacity, ovs, binding, arrays)
+
+    def _bind_empty_chunk(self, binding, capacity: int) -> None:
+        cfg = self.config
+        empty = np.zeros((0, cfg.n_head, capacity, cfg.head_dim), self._cache_dtype)  # (0, nh, S, hs)
+        self._bind_segment(binding, self._chunk_pairs, io.chunk_name(io.LOGITS),
+                           [self._ort.OrtValue.ortvalue_from_numpy(empty) for _ in self._chunk_pairs])
+        self._bind_inputs(binding, io.CHUNK, np.zeros((0, 1), np.int64), np.zeros(0, np.int64),
+                          np.zeros((0, 1), np.int64))
+
+    @staticmethod
+    def _bind_inputs(binding, prefix: str, input_ids, cache_positions, logits_indices) -> None:
+        binding.bind_cpu_input(prefix + io.INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))             # (B, T)
+        binding.bind_cpu_input(prefix + io.CACHE_POSITIONS, np.ascontiguousarray(cache_positions, dtype=np.int64))  # (B,)
+        binding.bind_cpu_input(prefix + io.LOGITS_INDICES, np.ascontiguousarray(logits_indices, dtype=np.int64))    # (B, K)
 
     def view(self, cache: OrtCache, start: int, stop: int) -> OrtCache:
         """Rows [start, stop) of `cache` as a cache of their own, sharing its memory (a contiguous row
@@ -336,7 +361,7 @@ class OrtBackend:
         v = cache.views.get((start, stop))
         if v is None:
             v = cache.views[(start, stop)] = self._bind([a[start:stop] for a in cache.arrays], cache.capacity)
-            v.root = cache
+            v.root = cache.root or cache
         return v
 
     def copy_row(self, cache: OrtCache, src: int, dst: int, length: int) -> None:
@@ -353,8 +378,51 @@ class OrtBackend:
             raise InputError(f"cache_positions + new tokens must stay within the cache capacity {cache.capacity}, "
                              f"got position {int(np.max(cache_positions))} with {T} new tokens")
         if self.attention == "gqa" and B > 1 and T > 1 and np.any(cache_positions):
-            return self._forward_token_by_token(cache, input_ids, cache_positions, np.asarray(logits_indices))
+            logits_indices = np.asarray(logits_indices)
+            if self.mixed_steps:  # GroupQueryAttention takes row 0, the chunk segment the rest
+                first, rest = self.forward_mixed(cache, Segment(0, 1, input_ids[:1], cache_positions[:1], logits_indices[:1]),
+                                                 Segment(1, B, input_ids[1:], cache_positions[1:], logits_indices[1:]))
+                return np.concatenate([first, rest])
+            return self._forward_token_by_token(cache, input_ids, cache_positions, logits_indices)
         return self._run(cache, input_ids, cache_positions, logits_indices)
+
+    def forward_mixed(self, cache: OrtCache, first: Segment, chunk: Segment) -> tuple[np.ndarray, np.ndarray]:
+        """Both segments in one run: the first segment's rows through GroupQueryAttention, the chunk
+        segment's through the graph's elementary-ops attention; every matmul reads its weights once
+        for all of their tokens. Each segment's past and present are bound to its own rows of `cache`."""
+        if not self.mixed_steps:
+            raise BackendUnavailable(f"{self.artifact.path} has no chunk segment (exported before graph version 5, "
+                                     "or not for ONNX Runtime CPU): re-run `gpt2-engine export` for mixed steps")
+        for seg in (first, chunk):
+            if not 0 <= seg.start < seg.stop <= cache.batch:
+                raise InputError(f"segment rows must satisfy 0 <= start < stop <= {cache.batch}, "
+                                 f"got [{seg.start}, {seg.stop})")
+            if seg.input_ids.shape[0] != seg.stop - seg.start:
+                raise InputError(f"a segment of rows [{seg.start}, {seg.stop}) needs {seg.stop - seg.start} rows of "
+                                 f"input ids, got {seg.input_ids.shape[0]}")
+            if int(np.max(seg.cache_positions)) + seg.input_ids.shape[1] > cache.capacity:
+                raise InputError(f"cache_positions + new tokens must stay within the cache capacity {cache.capacity}")
+        if first.stop > chunk.start and chunk.stop > first.start:
+            raise InputError(f"the segments' rows overlap: [{first.start}, {first.stop}) and [{chunk.start}, {chunk.stop})")
+        key = (first.start, first.stop, chunk.start, chunk.stop)
+        binding = cache.mixed.get(key)
+        if binding is None:
+            binding = cache.mixed[key] = self.session.io_binding()
+            self._bind_segment(binding, self._pairs, io.LOGITS, self._row_values(cache, first.start, first.stop))
+            self._bind_segment(binding, self._chunk_pairs, io.chunk_name(io.LOGITS),
+                               self._row_values(cache, chunk.start, chunk.stop))
+        self._huge_pages_once(cache)
+        self._bind_inputs(binding, "", first.input_ids, first.cache_positions, first.logits_indices)
+        self._bind_inputs(binding, io.CHUNK, chunk.input_ids, chunk.cache_positions, chunk.logits_indices)
+        binding.bind_output(io.LOGITS, "cpu")
+        binding.bind_output(io.chunk_name(io.LOGITS), "cpu")
+        self.session.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        return outs[0].numpy(), outs[1 + len(self._pairs)].numpy()  # (B, K, V), (Bc, Kc, V)
+
+    def _row_values(self, cache: OrtCache, start: int, stop: int) -> list:
+        """OrtValues over rows [start, stop) of every layer's buffer (the view's, made once)."""
+        return self.view(cache, start, stop).buffers
 
     def _forward_token_by_token(self, cache: OrtCache, input_ids: np.ndarray, cache_positions: np.ndarray,
                                 logits_indices: np.ndarray) -> np.ndarray:
@@ -374,19 +442,22 @@ class OrtBackend:
 
     def _run(self, cache: OrtCache, input_ids: np.ndarray, cache_positions: np.ndarray,
              logits_indices: np.ndarray) -> np.ndarray:
-        root = cache.root or cache
-        if input_ids.shape[0] > 1 and not root.row0_huge and root.arrays and root.arrays[0] is not None:
-            # Rows share the pool now: row 0 joins the others on huge pages (lazy_zeros), once.
-            root.row0_huge = True
-            for a in root.arrays:
-                huge_pages_for_row0(a)
+        if input_ids.shape[0] > 1:
+            self._huge_pages_once(cache)
         b = cache.binding
-        b.bind_cpu_input(io.INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))            # (B, T)
-        b.bind_cpu_input(io.CACHE_POSITIONS, np.ascontiguousarray(cache_positions, dtype=np.int64))  # (B,)
-        b.bind_cpu_input(io.LOGITS_INDICES, np.ascontiguousarray(logits_indices, dtype=np.int64))    # (B, K)
+        self._bind_inputs(b, "", input_ids, cache_positions, logits_indices)
         b.bind_output(io.LOGITS, "cpu")  # rebind: ORT allocates logits of this step's shape
         self.session.run_with_iobinding(b)
         return b.get_outputs()[0].numpy()  # only the logits cross to the host                     # (B, K, V)
+
+    @staticmethod
+    def _huge_pages_once(cache: OrtCache) -> None:
+        """Rows share the pool now: row 0 joins the others on huge pages (lazy_zeros), once."""
+        root = cache.root or cache
+        if not root.row0_huge and root.arrays and root.arrays[0] is not None:
+            root.row0_huge = True
+            for a in root.arrays:
+                huge_pages_for_row0(a)
 
     def close(self) -> None:
         self.session = None

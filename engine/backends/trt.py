@@ -132,6 +132,7 @@ class _Gpu:
 
 class TrtBackend:
     name = "trt"
+    mixed_steps = False  # the fp16 graph has one segment: the engine loop runs prompt chunks as their own forwards
 
     def __init__(self, artifact: Artifact, engine_path: str | Path | None = None):
         trt = import_tensorrt()
