@@ -35,6 +35,7 @@ from dataclasses import dataclass
 ITL_STRETCH = 1.4       # a step with prompt tokens costs at most this x a full batch's decode step
 MIN_CHUNK = 16          # prompt tokens per iteration at least, while rows decode
 MAX_IDLE_TOKENS = 4096  # prompt tokens (padded) per forward when nothing decodes: bounds activations
+COMPLETION_BONUS = 2    # packing: a prompt completed this step is worth this many more tokens fed
 
 
 @dataclass(frozen=True)
@@ -160,9 +161,10 @@ def schedule(rows: list[RowInfo], budget: int, capacity: int, max_prompt: int = 
 def _pack(pending: list[RowInfo], budget: int, capacity: int, max_prompt: int,
           room: int | None) -> tuple[tuple[Chunk, ...], int]:
     """The earliest prompts that fit `budget` padded tokens as one chunk segment: for each prefix of
-    k rows, T = the longest remaining prompt capped at budget // k; keep the k that feeds the most
-    real tokens (the earliest k on a tie)."""
-    best: tuple[int, int, int] = (0, 0, 0)   # (real tokens, k, T)
+    k rows, T = the longest remaining prompt capped at budget // k; keep the k with the best score,
+    the real tokens fed plus COMPLETION_BONUS per prompt completed (a first token now rather than one
+    step later), the earliest k on a tie."""
+    best: tuple[int, int, int] = (0, 0, 0)   # (score, k, T)
     for k in range(1, len(pending) + 1):
         if room is not None and k > room:
             break
@@ -174,8 +176,9 @@ def _pack(pending: list[RowInfo], budget: int, capacity: int, max_prompt: int,
         if T < 1:
             break
         real = sum(min(r.prompt_len - r.prefilled, T) for r in rows)
-        if real > best[0]:
-            best = (real, k, T)
+        score = real + COMPLETION_BONUS * sum(r.prompt_len - r.prefilled <= T for r in rows)
+        if score > best[0]:
+            best = (score, k, T)
     _, k, T = best
     chunks = tuple(Chunk(r.key, r.prefilled, min(r.prompt_len - r.prefilled, T),
                          r.prefilled + min(r.prompt_len - r.prefilled, T) == r.prompt_len) for r in pending[:k])
