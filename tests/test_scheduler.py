@@ -2,8 +2,7 @@
 
 import pytest
 
-from engine.scheduler import (ITL_STRETCH, MAX_IDLE_TOKENS, MIN_CHUNK, Chunk, CostModel, RowInfo, prompt_budget,
-                              schedule)
+from engine.scheduler import ITL_STRETCH, MAX_IDLE_TOKENS, MIN_CHUNK, Chunk, CostModel, RowInfo, prompt_budget, schedule
 
 CAP = 1024
 
