@@ -265,10 +265,9 @@ def _attention_chunk(g: _Graph, qkv: str, i: int, cfg: GPT2Config, ctx: dict[str
     op here accepts an empty batch, so a step without chunk rows pays only a few empty kernels."""
     C, hs = cfg.n_embd, cfg.head_dim
     g.scope = f"/h.{i}/attn/chunk"
-    qkv = g.op("Reshape", [qkv, ctx["chunk_heads_shape"]])                         # (Bc, Tc, 3, nh, hs)
-    qkv = g.op("Transpose", [qkv], perm=[2, 0, 3, 1, 4])                            # (3, Bc, nh, Tc, hs)
-    q, k, v = (g.op("Squeeze", [t, g.const("axis0", np.array([0], np.int64))])
-               for t in g.op("Split", [qkv], n_out=3, axis=0))                      # (Bc, nh, Tc, hs)
+    qkv = g.op("Reshape", [qkv, ctx["chunk_heads_shape"]])                         # (Bc, Tc, 3 nh, hs)
+    qkv = g.op("Transpose", [qkv], perm=[0, 2, 1, 3])                               # (Bc, 3 nh, Tc, hs)
+    q, k, v = g.op("Split", [qkv], n_out=3, axis=1, num_outputs=3)                  # (Bc, nh, Tc, hs) each
     chunk_pos = io.chunk_name(io.CACHE_POSITIONS)
     present_k = g.op("TensorScatter", [io.chunk_name(io.past_key(i)), k, chunk_pos], name="key_cache/TensorScatter",
                      out=io.chunk_name(io.present_key(i)), axis=-2)                 # (Bc, nh, S, hs)
@@ -369,8 +368,8 @@ def _segments(g: _Graph, cfg: GPT2Config, positions: str, T1: str) -> dict[str, 
     mask = g.op("Where", [allowed, g.const("zero_f", np.float32(0.0)), g.const("neg", np.float32(MASK_VALUE))])
     ctx["chunk_mask"] = g.op("Unsqueeze", [mask, g.const("axis1", np.array([1], np.int64))])  # (Bc, 1, Tc, L)
     ctx["chunk_L"] = L
-    ctx["chunk_heads_shape"] = g.op("Concat", [c_shape, g.const("heads", np.array([3, cfg.n_head, cfg.head_dim], np.int64))],
-                                    axis=0)                                         # (5,) = [Bc, Tc, 3, nh, hs]
+    ctx["chunk_heads_shape"] = g.op("Concat", [c_shape, g.const("heads", np.array([3 * cfg.n_head, cfg.head_dim], np.int64))],
+                                    axis=0)                                         # (4,) = [Bc, Tc, 3 nh, hs]
 
     g.scope = "/tokens"
     n_a = g.op("ReduceProd", [shape], keepdims=1)                                   # (1,) = B*T
