@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from benchmarks.records import Skipped
 from engine.artifact import is_current_export
 from engine.config import GPT2Config
 from engine.errors import InputError
+from export.model_cache import dir_lock
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,9 @@ class PreparedModel:
         else:
             from export.exporter import export_model
             path = self.work_dir / f"engine-{precision}"
-            if not is_current_export(path):  # absent, or made by an older exporter: export again
-                export_model(str(self.checkpoint_dir), path, precision=precision, force=True, show_progress=False)
+            with dir_lock(path):  # another bench run may be exporting it: wait, then reuse
+                if not is_current_export(path):  # absent, or made by an older exporter: export again
+                    export_model(str(self.checkpoint_dir), path, precision=precision, force=True, show_progress=False)
         self.setup_s[f"export_{precision}"] = round(time.perf_counter() - t0, 2)
         self._artifacts[precision] = path
         return path
@@ -87,19 +90,20 @@ class PreparedModel:
         except ImportError as e:
             self._ct2[key] = Skipped(f"ctranslate2 not installed ({e}): `pip install ctranslate2`")
             raise self._ct2[key] from None
-        if not (out / "model.bin").is_file():
-            tmp = self.work_dir / f".ct2-{key}.partial"
-            shutil.rmtree(tmp, ignore_errors=True)
-            try:
-                quiet_transformers()  # the converter loads the checkpoint through transformers
-                ctranslate2.converters.TransformersConverter(str(self._ct2_source())).convert(
-                    str(tmp), quantization=quantization, force=True)
-            except Exception as e:  # noqa: BLE001 -- converter/transformers incompatibilities come in many types
+        with dir_lock(self.work_dir / "ct2"):  # every conversion shares ct2-source: one at a time across runs
+            if not (out / "model.bin").is_file():
+                tmp = self.work_dir / f".ct2-{key}.partial"
                 shutil.rmtree(tmp, ignore_errors=True)
-                self._ct2[key] = Skipped(f"CTranslate2 conversion failed ({type(e).__name__}: {str(e)[:200]})")
-                raise self._ct2[key] from None
-            shutil.rmtree(out, ignore_errors=True)
-            tmp.rename(out)
+                try:
+                    quiet_transformers()  # the converter loads the checkpoint through transformers
+                    ctranslate2.converters.TransformersConverter(str(self._ct2_source())).convert(
+                        str(tmp), quantization=quantization, force=True)
+                except Exception as e:  # noqa: BLE001 -- converter/transformers incompatibilities come in many types
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    self._ct2[key] = Skipped(f"CTranslate2 conversion failed ({type(e).__name__}: {str(e)[:200]})")
+                    raise self._ct2[key] from None
+                shutil.rmtree(out, ignore_errors=True)
+                tmp.rename(out)
         self.setup_s[f"convert_ct2_{key}"] = round(time.perf_counter() - t0, 2)
         self._ct2[key] = out
         return out
@@ -133,22 +137,29 @@ def _write_tokenizer_files(directory: Path) -> None:
 
 
 def prepare_model(spec: ModelSpec, work_root: Path) -> PreparedModel:
-    """The checkpoint directory every runner reads; random weights are saved once and reused."""
+    """The checkpoint directory every runner reads; random weights are saved once and reused.
+
+    Runs at once share the work dir: each step that writes there (this checkpoint, each export, the
+    CTranslate2 conversions) holds a lock on what it makes (export.model_cache.dir_lock), so a second run
+    waits for the first's, then reuses it, and writes go to a temporary name renamed into place."""
     from export.checkpoint import config_from_hf
     if spec.init == "random":
         from export.checkpoint import random_weights, save_checkpoint
         work = Path(work_root) / f"{spec.name}-random-seed{spec.seed}-init{spec.init_range:g}"
         ckpt = work / "checkpoint"
         t0 = time.perf_counter()
-        done = ckpt / "complete"
-        if not (done.is_file() and config_from_hf(ckpt / "config.json") == spec.config):
-            # A different config under the same name (or a half-written directory): start over.
-            shutil.rmtree(work, ignore_errors=True)
-            tmp = work / ".checkpoint.partial"
-            save_checkpoint(tmp, spec.config, random_weights(spec.config, spec.seed, spec.init_range))
-            _write_tokenizer_files(tmp)
-            (tmp / "complete").write_text("")
-            tmp.rename(ckpt)
+        with dir_lock(work):
+            if not ((ckpt / "complete").is_file() and config_from_hf(ckpt / "config.json") == spec.config):
+                # A different config under the same name (or a half-written directory): start over, and
+                # drop what was made from the old weights.
+                for old in (ckpt, *work.glob("engine-*"), *work.glob("ct2-*")):
+                    shutil.rmtree(old, ignore_errors=True)
+                work.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.partial-", dir=work))
+                save_checkpoint(tmp, spec.config, random_weights(spec.config, spec.seed, spec.init_range))
+                _write_tokenizer_files(tmp)
+                (tmp / "complete").write_text("")
+                tmp.rename(ckpt)
         prepared = PreparedModel(spec.name, spec.config, ckpt, "random", work, spec)
         prepared.setup_s["save_checkpoint"] = round(time.perf_counter() - t0, 2)
         return prepared

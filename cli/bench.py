@@ -47,6 +47,22 @@ def _physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
+def _new_results_dir(prefix: str = "") -> Path:
+    """bench-results/<prefix><UTC timestamp>, claimed with mkdir: two runs started in the same second get
+    their own (the second with -2), never each other's results.jsonl."""
+    stamp = prefix + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    root = Path("bench-results")
+    root.mkdir(exist_ok=True)
+    n = 1
+    while True:
+        d = root / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            d.mkdir()
+            return d
+        except FileExistsError:
+            n += 1
+
+
 def _default_work_dir() -> Path:
     from export.model_cache import default_cache_dir
     return default_cache_dir() / "bench"
@@ -111,10 +127,11 @@ def _model_spec(model: str, init: str, seed: int, init_range: float):
               help="gpt2, batch 1, prompt 32, 32 new tokens, 3 repeats, positions 16/256/900 "
                    "(options given explicitly still win).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Results directory (default: bench-results/<UTC timestamp>).")
+              help="Results directory (default: bench-results/<UTC timestamp>, a new one per run).")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where random checkpoints, exports and CT2 conversions are kept for reuse "
-                   "(default: $GPT2_ENGINE_CACHE/bench, i.e. ~/.cache/gpt2-engine/bench).")
+                   "(default: $GPT2_ENGINE_CACHE/bench, i.e. ~/.cache/gpt2-engine/bench); runs at once share it "
+                   "safely (each waits for what another is preparing).")
 @click.pass_context
 @friendly_errors
 def bench(ctx, models, init, seed, init_range, batches, prompt_lens, new_tokens, backends, peers, peer_list,
@@ -144,7 +161,7 @@ def bench(ctx, models, init, seed, init_range, batches, prompt_lens, new_tokens,
                 positions=tuple(values["position_list"]) if positions else (), peer_max_batch=peer_max_batch,
                 kernel_ceiling=kernel_ceiling)
     specs = [_model_spec(m, init, seed, init_range) for m in dict.fromkeys(values["models"])]
-    out = out or Path("bench-results") / _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out = out or _new_results_dir()
     t0 = time.perf_counter()
     result = run_bench(specs, plan, out, work_root=work_dir or _default_work_dir())
     click.echo(result.header)
@@ -312,7 +329,7 @@ def bench_serve(ctx, models, init, seed, init_range, threads, max_batch, prefill
                      prompt_lens=prompt_lens,
                      new_tokens=new_tokens, workload_seed=workload_seed, arrival_seed=workload_seed,
                      http_url=http_url, http_model=http_model)
-    out = out or Path("bench-results") / ("serve-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S"))
+    out = out or _new_results_dir("serve-")
     t0 = time.perf_counter()
     result = run_serve_bench(specs, plan, out, work_root=work_dir or _default_work_dir(),
                              log=lambda msg: click.echo(msg, err=True))

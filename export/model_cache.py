@@ -6,8 +6,11 @@ It lives on the export side because it exports; the runtime only ever loads a di
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from engine.artifact import MANIFEST, is_current_export
@@ -19,6 +22,33 @@ from export.exporter import export_model
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("GPT2_ENGINE_CACHE", Path.home() / ".cache" / "gpt2-engine"))
+
+
+@contextlib.contextmanager
+def dir_lock(path: Path, waiting: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (a file `.NAME.lock` beside it) across processes, while it is made.
+
+    Two runs that prepare the same directory at once (two `gpt2-engine bench`, two first `generate NAME`)
+    took turns deleting each other's files; with the lock the second waits, then finds the directory made
+    and reuses it. An flock: the kernel releases it when its process dies, so a killed run blocks nobody.
+    `waiting(message)` is told once when another process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as f:
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): unlocked, as before
+            yield
+            return
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            (waiting or (lambda m: print(m, file=sys.stderr)))(
+                f"waiting for another gpt2-engine process that is preparing {path}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def cache_key(model: str, precision: str = "fp32", init: str | None = None, seed: int = 0) -> str | None:
@@ -60,7 +90,10 @@ def resolve_model_dir(model: str, precision: str = "fp32", init: str | None = No
     if key is None:
         return Path(model).expanduser()
     target = (cache_dir or default_cache_dir()) / key
-    if not is_current_export(target):  # absent, partial, or made by an older exporter: export again
-        export_model(model, target, precision=precision, init=init, seed=seed, force=True,
-                     show_progress=show_progress)
+    if is_current_export(target):
+        return target
+    with dir_lock(target):  # another process may be exporting the same model: wait, then reuse its export
+        if not is_current_export(target):  # absent, partial, or made by an older exporter: export again
+            export_model(model, target, precision=precision, init=init, seed=seed, force=True,
+                         show_progress=show_progress)
     return target
