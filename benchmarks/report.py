@@ -1,8 +1,9 @@
 """Tables and plots generated from benchmark records only (never typed by hand).
 
 ``markdown_table`` gives one row per record, failed backends included (with their status and no
-timings); ``make_plots`` draws decode latency vs context position, tokens/s vs batch, and the
-engine-vs-peers bar chart with the physical floor drawn across it.
+timings), and flags a record whose timings cannot be trusted (``unsteady``); ``make_plots`` draws decode
+latency vs context position, tokens/s vs batch (when some configuration has two batch sizes or more),
+and the engine-vs-peers bar chart with the physical floor drawn across it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ COLUMNS = (
     "TTFT ms p50/p90/p99", "decode ms/token p50/p90/p99", "tok/s p50", "RSS MB", "x floor", "status",
 )
 _EMPTY = "-"
+# A record is flagged when its timed runs disagree by more than this (slowest over fastest), or when its
+# decode p50 is this far from the same run's decode-vs-position measurement of that runner: one p50 of a
+# few repeats is then a busy machine's, not the runner's (a `bench --quick` table once showed HF decode
+# at 239 ms/token beside 40-50 ms in the same run's position plot).
+UNSTEADY_X = 1.5
 
 
 def _num(v: float | None) -> str:
@@ -43,8 +49,26 @@ def floor_multiple(r: BenchRecord) -> float | None:
     return x_floor(r.decode_per_token["p50"], r.floor.get("decode_floor_s"))
 
 
+def unsteady(r: BenchRecord) -> str | None:
+    """Why this record's timings are not to be trusted, or None: runs that disagree (slowest / fastest >
+    UNSTEADY_X, for TTFT or decode), or a decode p50 outside [1/UNSTEADY_X, UNSTEADY_X] times the range of
+    the same runner's decode-vs-position medians in this run."""
+    why = []
+    for name, p in (("decode", r.decode_per_token), ("TTFT", r.ttft)):
+        if p and p["n"] >= 2 and p["min"] > 0 and p["max"] / p["min"] > UNSTEADY_X:
+            why.append(f"{name} runs {_num(p['min'] * 1e3)}-{_num(p['max'] * 1e3)} ms ({p['max'] / p['min']:.1f}x)")
+    if r.decode_per_token and r.per_position:
+        steps = [s for _, s in r.per_position]
+        p50 = r.decode_per_token["p50"]
+        if p50 > UNSTEADY_X * max(steps) or p50 < min(steps) / UNSTEADY_X:
+            why.append(f"decode p50 {_num(p50 * 1e3)} ms vs {_num(min(steps) * 1e3)}-{_num(max(steps) * 1e3)} ms "
+                       "by position")
+    return "; ".join(why) or None
+
+
 def markdown_table(records: Iterable[BenchRecord | Mapping]) -> str:
-    """A GitHub-markdown table, one row per record, in the given order."""
+    """A GitHub-markdown table, one row per record, in the given order. A record whose timings are
+    unsteady (`unsteady`) says so in its status: "ok, UNSTEADY: ... (rerun on a quieter machine)"."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in map(as_record, records):
         base = [r.backend, r.model, r.precision, str(r.batch), str(r.prompt_len), str(r.new_tokens)]
@@ -58,6 +82,9 @@ def markdown_table(records: Iterable[BenchRecord | Mapping]) -> str:
                 _num(r.peak_rss_mb),
                 f"{xf:.2f}x" if xf is not None else _EMPTY,
             ]
+            why = unsteady(r)
+            if why:
+                status += f", UNSTEADY: {why} (rerun on a quieter machine, or with more --repeats)"
         else:
             # A backend that failed validation was not timed: show why, never numbers.
             timings = [_EMPTY] * 5
@@ -83,8 +110,8 @@ def _plot_tokens_vs_batch(plt, recs: list[BenchRecord], path: Path) -> Path | No
     for r in recs:
         if r.ok and r.tokens_per_s:
             groups.setdefault((r.label, r.prompt_len, r.new_tokens, r.threads), []).append(r)
-    if not groups:
-        return None
+    if not any(len({r.batch for r in rs}) > 1 for rs in groups.values()):
+        return None  # one batch size (bench --quick): a plot of single points says nothing a table does not
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.set_prop_cycle(color=plt.cm.tab20.colors)  # a full bench has ~18 lines: the default 10 colours repeat
     for (label, prompt, new, _), rs in groups.items():
