@@ -257,7 +257,10 @@ def _download(repo_id: str) -> Path:
                               "download it on a connected machine, pass a local directory, or use `--init random`")
     patterns = ["config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt"]
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=10))
+        path = Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=10))
+        if not any((path / f).is_file() for f in WEIGHT_FILES):  # older repos ship only the PyTorch pickle
+            path = Path(snapshot_download(repo_id, allow_patterns=[*patterns, "pytorch_model.bin"], etag_timeout=10))
+        return path
     except Exception as e:  # network errors come in many types; all mean the same to the user
         raise CheckpointError(f"could not download {repo_id} from the Hugging Face hub ({type(e).__name__}): "
                               "check the network, pass a local checkpoint directory, or use `--init random`") from None

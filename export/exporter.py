@@ -80,6 +80,7 @@ def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str 
         raise EngineError(f"--init-range (the std of the random weights) must be a number > 0, got {init_range!r}")
     if prepack and precision == "fp16":
         raise EngineError("--prepack is for the ONNX Runtime CPU precisions (fp32, int8); fp16 is for TensorRT / GPUs")
+    requested_attention = attention
     try:
         attention = resolve_attention(precision, attention)
     except ValueError as e:
@@ -94,6 +95,7 @@ def export_model(spec: str, out: str | Path, precision: str = "fp32", init: str 
             bar.set_postfix_str("random weights" if init == "random" else "loading weights")
             ckpt = _checkpoint(spec, init, seed, init_range, disable=not show_progress, leave=False, **size)
             cfg = ckpt.config
+            attention = _attention_for(cfg, attention, requested_attention)
             bar.update(1)
             with tqdm(total=cfg.n_layer, desc="  graph", unit="layer", disable=not show_progress, leave=False,
                       **size) as layers:
@@ -152,6 +154,17 @@ def _bar_size() -> dict:
     except (OSError, ValueError):
         return {"ncols": 80, "nrows": 24}
     return {} if size.columns > 0 and size.lines > 0 else {"ncols": size.columns or 80, "nrows": size.lines or 24}
+
+
+def _attention_for(cfg, attention: str, requested: str | None) -> str:
+    """ONNX Runtime's GroupQueryAttention takes head sizes that are multiples of 8 only (every GPT-2 size:
+    64); a fine-tune with another (sshleifer/tiny-gpt2: 1) gets the standard ONNX Attention by default."""
+    if attention != "gqa" or cfg.head_dim % 8 == 0:
+        return attention
+    if requested == "gqa":
+        raise EngineError(f"--attention gqa needs a head size that is a multiple of 8 (ONNX Runtime's "
+                          f"GroupQueryAttention); this model's is {cfg.head_dim}: use --attention fused")
+    return "fused"
 
 
 def _checkpoint(spec: str, init: str | None, seed: int, init_range: float, **bar) -> Checkpoint:

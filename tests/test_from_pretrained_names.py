@@ -23,7 +23,7 @@ import engine.config
 import export.exporter
 import export.model_cache
 from engine import Generator, RandomWeightsWarning, SamplingParams
-from engine.errors import ArtifactError, CheckpointError, InputError
+from engine.errors import ArtifactError, CheckpointError, EngineError, InputError
 from tests.runtime_fixtures import REPO, TINY
 
 GREEDY = SamplingParams.greedy(6)
@@ -82,6 +82,32 @@ def test_a_hub_repo_id_of_a_gpt2_model_in_any_case(exports, want, tmp_path):
             assert g.generate("Hello", GREEDY).token_ids == want
     assert exports == ["someone/tiny-gpt2"], "one export, reused for every spelling"
     assert visible(tmp_path / "cache") == ["hub-someone--tiny-gpt2-fp32"]
+
+
+def test_a_fine_tune_shaped_like_sshleifer_tiny_gpt2(exports, tmp_path):
+    """sshleifer/tiny-gpt2's shape: 2 layers, 2 wide, 2 heads (head size 1, which ONNX Runtime's
+    GroupQueryAttention refuses: the export takes the standard Attention), weights as a PyTorch pickle."""
+    import torch
+
+    from engine.config import GPT2Config
+    from export.checkpoint import random_weights, save_checkpoint
+    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=2)
+    src = save_checkpoint(tmp_path / "src", cfg, random_weights(cfg, 0, 0.02))
+    repo = tmp_path / "hub" / "models--sshleifer--tiny-gpt2"
+    snap = repo / "snapshots" / "5f91d94b"
+    snap.mkdir(parents=True)
+    shutil.copy(src / "config.json", snap)
+    from safetensors.numpy import load_file
+    torch.save({k: torch.from_numpy(v) for k, v in load_file(str(src / "model.safetensors")).items()},
+               snap / "pytorch_model.bin")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("5f91d94b")
+    with Generator.from_pretrained("sshleifer/tiny-gpt2") as g:
+        assert g.config == cfg and g.artifact.manifest["attention"] == "fused"
+        assert len(g.generate("Hello", GREEDY).token_ids) == 6
+    from export.exporter import export_model
+    with pytest.raises(EngineError, match="--attention gqa needs a head size that is a multiple of 8"):
+        export_model(str(src), tmp_path / "gqa", attention="gqa", show_progress=False)
 
 
 def test_a_size_name_with_real_weights_reads_the_hub_cache(exports, want):
