@@ -4,7 +4,8 @@ freeing share the pool's invariants (which request holds which row, each row's f
 apart, each would have to re-establish them. What to run is decided in engine/scheduler.py.)
 
     submit() ──> waiting queue (bounded) ──> loop thread, each iteration:
-                   1. admit waiting requests into free slots (FIFO), drop aborted / expired ones
+                   1. admit waiting requests into free slots (FIFO), drop aborted / expired ones; with
+                      prefix caching each starts after the longest prefix of its prompt a row holds
                    2. plan = scheduler.schedule(rows, budget from the cost model)
                    3. arrange the pool: the plan's first-segment rows at [0, d), its chunk rows after
                    4. ONE forward: decode tokens and prompt chunks together (backend.forward_mixed),
@@ -16,6 +17,16 @@ a row from admission to its end, though not always the same row: `_arrange` move
 segment of the next forward is a contiguous row range (a move copies a row's filled slots only; a
 swap goes through the scratch row). In a steady decode the rows stay put, a lone request decodes at
 batch 1, and a finished row leaves a hole that the next plan fills with one copy.
+
+Prefix caching (on by default; engine/prefix_cache.py decides, this file copies): a finished
+request's row keeps its keys and values while its slot is free (least recently used first to go), and
+a new request starts its prefill after the longest prefix of its prompt that any row holds: it takes a
+finished row's slot (no copy) or copies the prefix from another row, running or prefilling (a copy of
+the filled slots is far cheaper than a prefill). A request whose prefix another row is still prefilling
+waits in the queue for it when that saves more than a forward's fixed part (the cost model's fit): a
+burst of prompts sharing a context prefills the context once. Only slots [0, filled) of a row are ever
+reused (a chunk's right padding may have written past them). `_arrange` moves a held row out of the
+way of the plan's rows (into a free slot past them) rather than overwrite it, when one is free.
 
 Graphs without the chunk segment (exports before graph version 5, the TensorRT fp16 graph) run the
 chunk rows as a forward of their own after the first segment's: the same plans, two forwards.
@@ -54,6 +65,7 @@ import numpy as np
 from engine.backends.base import Backend, Segment
 from engine.errors import EngineClosed, EngineError, EngineOverloaded
 from engine.loop import RowState, advance, decode_step, sample_rows
+from engine.prefix_cache import PrefixCache, Row, lookup, worth_waiting
 from engine.sampling import logits_to_probs, sequence_logprobs, top_logprobs
 from engine.scheduler import MAX_IDLE_TOKENS, Chunk, CostModel, RowInfo, StepPlan, prompt_budget, schedule
 from engine.speculative import SpeculationPolicy, accept_drafts, draw
@@ -89,6 +101,8 @@ class EngineStats:
     max_batch: int
     max_queue: int
     forward_calls: int  # backend forwards since start (prefill and decode): tests count batching with it
+    prefix_cache_queries: int = 0   # prompt tokens looked up in the prefix cache (vLLM's counter: tokens)
+    prefix_cache_hits: int = 0      # prompt tokens served from it (not computed)
 
 
 class Request:
@@ -109,6 +123,8 @@ class Request:
         self.error: BaseException | None = None
         self.slot: int | None = None
         self.prefilled = 0                                 # prompt tokens already in the cache
+        self.cached_tokens = 0                             # of them, reused from the pool at admission
+        self._prompt_array: np.ndarray | None = None       # prompt ids as int64 (prefix lookups), made once
         self.last_token = 0                                # the token the next decode step feeds
         self.logprobs: list[TokenLogprob] | None = [] if row.params.logprobs is not None else None
         # Prompt token j's logprob given tokens < j (None for token 0), when params.prompt_logprobs is set.
@@ -155,7 +171,7 @@ class EngineCore:
 
     def __init__(self, backend: Backend, eos_id: int, capacity: int, max_batch: int = 8, max_queue: int = 256,
                  prefill_chunk: int | None = None, draft: Backend | None = None, draft_k: int = 4,
-                 draft_cost: float = 0.35, speculate: str = "auto"):
+                 draft_cost: float = 0.35, speculate: str = "auto", prefix_caching: bool = True):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise EngineError(f"max_batch must be an int >= 1, got {max_batch!r}")
         if backend.max_batch is not None and max_batch > backend.max_batch:
@@ -177,6 +193,9 @@ class EngineCore:
         # draft_cost: a draft step in target steps (the Generator passes the weight-bytes ratio).
         self._policy = SpeculationPolicy(draft_k, draft_cost, always=speculate == "always") if draft is not None else None
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.prefix_caching = bool(prefix_caching)
+        self._prefix = PrefixCache()              # free rows that keep a finished request's keys and values
+        self.prefix_queries = self.prefix_hits = 0
         # Mixed steps need the graph's chunk segment; others run the chunk segment as a forward of its own.
         self.mixed_steps = bool(getattr(backend, "mixed_steps", False))
         self.cost = CostModel()                   # a forward's time by its tokens (the scheduler's prices)
@@ -223,7 +242,7 @@ class EngineCore:
         with self._cond:
             n = len(self._active)
             return EngineStats(n, len(self._waiting), self.max_batch - n, self.max_batch, self.max_queue,
-                               self.forward_calls)
+                               self.forward_calls, self.prefix_queries, self.prefix_hits)
 
     @property
     def alive(self) -> bool:
@@ -265,15 +284,13 @@ class EngineCore:
             for r in [r for r in self._waiting if r.abort_requested or _expired(r, now)]:
                 self._waiting.remove(r)
                 self._finish_unadmitted(r, "abort" if r.abort_requested else "deadline")
-            while self._waiting and len(self._active) < self.max_batch:   # scheduler policy 1: FIFO, all that fit
-                r = self._waiting.popleft()
-                r.slot, r.admitted = self._slots.index(None), now
-                self._slots[r.slot] = r
-                self._active.append(r)
+            copies = self._admit(now)
         if self._cache is None:  # one row more than max_batch: the scratch row that swaps go through
             self._cache = self.backend.new_cache(self.max_batch + 1, self.capacity)
             if self.draft is not None:
                 self._draft_cache = self.draft.new_cache(self.max_batch + 1, self.capacity)
+        for c in copies:          # reused prefixes, in the order admission decided them
+            self._copy(*c)
         now = time.perf_counter()
         for r in self._active:
             if r.abort_requested:
@@ -286,6 +303,58 @@ class EngineCore:
             self.steps += 1
             self.host_s += time.perf_counter() - t_start - forward_s
         return True
+
+    def _admit(self, now: float) -> list[tuple[int, int, int, int]]:
+        """Waiting requests into free slots in arrival order, all that fit (scheduler policy 1); with prefix
+        caching, after the longest cached prefix of each prompt, and a request that is better off waiting
+        for a row still prefilling its prefix stays queued (later ones go past it). Returns the row copies
+        to make before the next forward, in order: (src, dst, slots, draft slots). Under the lock."""
+        copies: list[tuple[int, int, int, int]] = []
+        deferred = []
+        while self._waiting and len(self._active) < self.max_batch:
+            r = self._waiting.popleft()
+            slot = self._place(r, copies) if self.prefix_caching else self._slots.index(None)
+            if slot is None:
+                deferred.append(r)
+                continue
+            r.slot, r.admitted = slot, now
+            self._slots[slot] = r
+            self._active.append(r)
+        self._waiting.extendleft(reversed(deferred))
+        return copies
+
+    def _place(self, r: Request, copies: list) -> int | None:
+        """r's slot, with its prefill set to start after the longest prefix a row holds (engine/prefix_cache.py);
+        None: wait for a row that is prefilling more of r's prefix."""
+        prompt = _prompt_array(r)
+        k = r.row.params.prompt_logprobs
+        free = [s for s in range(self.max_batch) if self._slots[s] is None]
+        held = {s: self._prefix.held(s) for s in free if s in self._prefix}
+        live = {q.slot: _live_row(q) for q in self._active if q.error is None and not q.done}
+        match, gain = lookup(prompt, held, live, k)
+        if gain and worth_waiting(gain, *self.cost.fit()):
+            return None
+        slot = self._prefix.slot_for(free, match)
+        self._prefix.forget(slot)                      # taken, or evicted
+        n = match.length if match is not None else 0
+        self.prefix_queries += len(prompt)
+        self.prefix_hits += n
+        if n:
+            source = held.get(match.slot) or live[match.slot]
+            draft_n = min(source.draft_length, n) if self.draft is not None else 0
+            if match.slot != slot:
+                copies.append((match.slot, slot, n, draft_n))
+            r.prefilled = r.cached_tokens = n
+            r.draft_filled = draft_n
+            if k is not None:   # the reused positions' prompt logprobs: the source scored them (prefix_cache.reusable)
+                r.prompt_logprobs = [None] + [_first_k(e, k) for e in source.scores[1:n + 1]]
+        return slot
+
+    def _copy(self, src: int, dst: int, n: int, draft_n: int = 0) -> None:
+        """Copy row src's first n slots over row dst (and the draft pool's first draft_n)."""
+        self.backend.copy_row(self._cache, src, dst, n)
+        if draft_n and self.draft is not None:
+            self.draft.copy_row(self._draft_cache, src, dst, draft_n)
 
     def _forward_guarded(self, rows: list[Request], fn):
         """Run one backend call; on failure the requests in it fail (the others go on)."""
@@ -401,6 +470,8 @@ class EngineCore:
         """Put order[i] in slot i (each segment is a contiguous run of rows): a request moves into a free
         slot with one row copy, or swaps with the slot's holder through the scratch row (three)."""
         scratch = self.max_batch
+        if len(self._prefix):
+            self._keep_held(order)
         for i, r in enumerate(order):
             if r.slot == i:
                 continue
@@ -413,6 +484,34 @@ class EngineCore:
                 self._move(r, src, i)
                 self._move(other, scratch, src)
 
+    def _keep_held(self, order: list[Request]) -> None:
+        """Slots [0, len(order)) are about to take the plan's rows: a held row there moves to a free slot
+        past them (an empty one, or one whose content was used less recently), or, when none is free, to
+        the slot that its replacement order[i] leaves (through the scratch row unless that row holds
+        nothing yet); failing both it is dropped."""
+        n, scratch = len(order), self.max_batch
+        for i in range(n):
+            row = self._prefix.held(i)
+            if row is None:
+                continue
+            r = order[i]
+            spare = self._prefix.spare([j for j in range(n, self.max_batch) if self._slots[j] is None], row)
+            if spare is not None:
+                self._copy(i, spare, row.length, row.draft_length)
+                self._prefix.move(i, spare)
+            elif r.slot is not None and n <= r.slot < scratch:
+                src = r.slot
+                self._prefix.move(i, src)              # src is free once r has moved into i
+                if r.filled or r.draft_filled:
+                    self._copy(i, scratch, row.length, row.draft_length)
+                    self._move(r, src, i)
+                    self._copy(scratch, src, row.length, row.draft_length)
+                else:
+                    self._copy(i, src, row.length, row.draft_length)
+                    self._move(r, src, i)
+            else:
+                self._prefix.forget(i)
+
     def _move(self, r: Request, src: int, dst: int) -> None:
         """Copy r's filled slots from row src to row dst (target and draft pools) and record it there."""
         self.backend.copy_row(self._cache, src, dst, r.filled)
@@ -421,6 +520,7 @@ class EngineCore:
         if src < self.max_batch and self._slots[src] is r:
             self._slots[src] = None
         if dst < self.max_batch:
+            self._prefix.forget(dst)
             self._slots[dst] = r
         r.slot = dst
 
@@ -528,10 +628,16 @@ class EngineCore:
 
     def _free(self, r: Request) -> None:
         """Give r's slot back. Rows are not compacted here: the next plan's `_arrange` moves only what
-        its segments need."""
-        self._slots[r.slot] = None
+        its segments need. With prefix caching the row keeps what r fed (its prompt, as far as it got, and
+        every generated token but the last) until the slot is needed."""
+        slot = r.slot
+        self._slots[slot] = None
         self._active.remove(r)
         r.slot = None
+        if self.prefix_caching and r.error is None:
+            row = _live_row(r)
+            row.tokens = row.tokens[:row.length]
+            self._prefix.hold(slot, row)
 
     def _finish_unadmitted(self, r: Request, reason: str) -> None:
         r.row.finish_reason = reason
@@ -550,6 +656,27 @@ def _contexts(row: RowState, drafts: list[int]) -> tuple[np.ndarray | None, np.n
     ctx = np.asarray(row.prompt_ids + gen, np.int64) if row.params.repetition_penalty != 1.0 else None
     out = np.asarray(gen, np.int64) if row.params.reads_outputs else None
     return ctx, out
+
+
+def _prompt_array(r: Request) -> np.ndarray:
+    if r._prompt_array is None:
+        r._prompt_array = np.asarray(r.row.prompt_ids, np.int64)
+    return r._prompt_array
+
+
+def _live_row(r: Request) -> Row:
+    """What r's row holds, as the prefix cache reads it: slots [0, filled) hold its prompt then the generated
+    tokens fed so far; a prefilling row's whole prompt is given (the rest is on its way)."""
+    prompt = _prompt_array(r)
+    n = r.filled
+    tokens = prompt
+    if n > len(prompt):
+        tokens = np.concatenate([prompt, np.asarray(r.row.generated[:n - len(prompt)], np.int64)])
+    return Row(tokens, n, r.prompt_logprobs, r.row.params.prompt_logprobs, min(r.draft_filled, n))
+
+
+def _first_k(e: TokenLogprob, k: int) -> TokenLogprob:
+    return e if len(e.top) <= k else TokenLogprob(e.token_id, e.logprob, e.top[:k])
 
 
 def _expired(r: Request, now: float) -> bool:

@@ -50,6 +50,7 @@ class Timings:
     total_s: float         # submission -> finished
     drafts_proposed: int = 0  # speculative decoding: draft tokens proposed / accepted by the target
     drafts_accepted: int = 0
+    cached_tokens: int = 0    # prompt tokens served from the prefix cache (not computed); at most prompt - 1
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -91,7 +92,7 @@ class GenerationOutput:
 class Generator:
     def __init__(self, artifact: Artifact, backend, tokenizer, load_s: float = 0.0, max_batch: int = 8,
                  max_queue: int = 256, prefill_chunk: int | None = None, draft=None, draft_k: int = 4,
-                 draft_cost: float = 0.35, speculate: str = "auto"):
+                 draft_cost: float = 0.35, speculate: str = "auto", prefix_caching: bool = True):
         self.artifact = artifact
         self.backend = backend
         self.tokenizer = tokenizer
@@ -104,14 +105,14 @@ class Generator:
         self.draft = draft  # a second backend (speculative decoding), checked by from_pretrained
         self.core = EngineCore(backend, self.config.eos_token_id, self.max_context, max_batch=max_batch,
                                max_queue=max_queue, prefill_chunk=prefill_chunk, draft=draft, draft_k=draft_k,
-                               draft_cost=draft_cost, speculate=speculate)
+                               draft_cost=draft_cost, speculate=speculate, prefix_caching=prefix_caching)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, backend: str = "ort", device: str = "cpu",
                         threads: int | None = None, max_batch: int = 8, max_queue: int = 256,
                         prefill_chunk: int | None = None, draft: str | os.PathLike | None = None,
                         draft_k: int = 4, speculate: str = "auto", init: str | None = None,
-                        precision: str = "fp32", **backend_options) -> Generator:
+                        precision: str = "fp32", prefix_caching: bool = True, **backend_options) -> Generator:
         """Load a model directory made by `gpt2-engine export`, or a model by name as `gpt2-engine generate
         NAME` does: a size name (gpt2 .. gpt2-xl, distilgpt2; init='random' for random weights), a Hugging
         Face repo id of a GPT-2 model (`sshleifer/tiny-gpt2`; the local hub cache, else a download) or a
@@ -127,7 +128,9 @@ class Generator:
         the draft's cost priced by the two models' weight bytes (none when drafting would be slower than
         decoding plainly; engine/speculative.py's SpeculationPolicy); speculate='always': `draft_k` every round
         (to measure the rule). Greedy output is the target's own, sampling follows its distribution
-        exactly, and a seeded request reproduces.
+        exactly, and a seeded request reproduces. prefix_caching (on by default): a prompt that starts like
+        one whose keys and values a slot still holds (a finished request's, or one running) skips that
+        prefix (`Timings.cached_tokens`); the tokens are those of a cold engine.
         """
         from tokenizers import Tokenizer
 
@@ -153,7 +156,8 @@ class Generator:
             be, speculation["draft"] = _load_pair(art, draft_art, backend, device, threads, backend_options)
             speculation["draft_cost"] = speculation_cost(art.config, art.precision, draft_art.config, draft_art.precision)
         return cls(art, be, tokenizer, time.perf_counter() - t0, max_batch=max_batch, max_queue=max_queue,
-                   prefill_chunk=prefill_chunk, draft_k=draft_k, speculate=speculate, **speculation)
+                   prefill_chunk=prefill_chunk, draft_k=draft_k, speculate=speculate, prefix_caching=prefix_caching,
+                   **speculation)
 
     # --- tokens ---------------------------------------------------------------------------------
 
@@ -209,7 +213,7 @@ class Generator:
         admitted = r.admitted if r.admitted is not None else r.finished
         timings = Timings(self.load_s, admitted - r.submitted, (t[0] if t else r.finished) - r.submitted,
                           tuple(float(b - a) for a, b in zip(t, t[1:])), r.finished - r.submitted,
-                          r.drafts_proposed, r.drafts_accepted)
+                          r.drafts_proposed, r.drafts_accepted, r.cached_tokens)
         prompt_lp = getattr(r, "prompt_logprobs", None)   # set by the core's prefill when params.prompt_logprobs is
         return GenerationOutput(row.text, list(row.generated), list(row.prompt_ids), row.finish_reason, timings,
                                 r.logprobs, None if prompt_lp is None else list(prompt_lp),
