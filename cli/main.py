@@ -291,6 +291,9 @@ def _serve_on_ray(model, **options) -> int:
 @click.option("--draft", type=click.Path(path_type=Path), default=None,
               help="Speculative decoding with this draft model directory (same tokenizer, e.g. MODEL's own int8 export) "
                    "whenever one request decodes alone.")
+@click.option("--prefix-caching/--no-prefix-caching", default=True, show_default=True,
+              help="Reuse the cached keys and values of a prompt's longest prefix held in the pool (a finished or "
+                   "running request's): usage.prompt_tokens_details.cached_tokens says how many.")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Run on Ray Serve: replicas of this server, each with its own engine (docs/scaling.md; the [ray] extra).")
 @click.option("--replicas", type=click.IntRange(min=1), default=None, help="With --ray: a fixed number of replicas [default: 1].")
@@ -303,12 +306,14 @@ def _serve_on_ray(model, **options) -> int:
                    "unless --threads [default: 1].")
 @friendly_errors
 def serve(model, host, port, max_batch, max_queue, api_key, cors_origins, served_model_name, threads, precision, init,
-          drain_timeout, draft, use_ray, replicas, autoscale, ray_address, num_cpus):
+          drain_timeout, draft, prefix_caching, use_ray, replicas, autoscale, ray_address, num_cpus):
     """Serve MODEL (a model directory or a name) over HTTP with OpenAI's completions API (docs/serving.md);
     with --ray, as replicas on a Ray cluster (docs/scaling.md)."""
     ray_only = {"--replicas": replicas, "--autoscale": autoscale, "--ray-address": ray_address, "--num-cpus": num_cpus}
     if use_ray and draft is not None:
         raise click.UsageError("--draft is not supported with --ray yet: serve the draft pair without --ray")
+    if use_ray and not prefix_caching:
+        raise click.UsageError("--no-prefix-caching is not supported with --ray yet: its replicas cache prefixes")
     if use_ray:
         raise SystemExit(_serve_on_ray(model, host=host, port=port, max_batch=max_batch, max_queue=max_queue,
                                        api_key=api_key, cors_origins=tuple(cors_origins),
@@ -325,7 +330,7 @@ def serve(model, host, port, max_batch, max_queue, api_key, cors_origins, served
     raise SystemExit(run_server(model, host=host, port=port, max_batch=max_batch, max_queue=max_queue, api_key=api_key,
                                 cors_origins=tuple(cors_origins), served_model_name=served_model_name, threads=threads,
                                 precision=precision, init=init, drain_timeout_s=drain_timeout,
-                                draft=None if draft is None else str(draft)))
+                                draft=None if draft is None else str(draft), prefix_caching=prefix_caching))
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ class Plan:
     include_usage: bool
     user: str | None = None
     # echo + logprobs with tokens to generate, not streamed: the engine gives the prompt's logprobs from the
-    # prefill forward that also samples the first token (one forward); else one teacher-forced scoring forward
+    # prefill forward that also samples the first token (one forward); else a scoring submission (_score_prompt)
     engine_prompt_logprobs: bool = False
 
 
@@ -287,6 +287,7 @@ class CompletionResponse(Response):
         self.started = False          # response headers sent
         self.states = [ChoiceState(c) for c in plan.choices]
         self._prompt_lp: dict[int, list] = {}
+        self._scored: dict[int, object] = {}   # prompt index -> the scoring submission's GenerationOutput
         self._admitted: set[int] = set()
         self.gone = False             # the client disconnected: stop at the next delta
         state.inflight += 1
@@ -370,18 +371,35 @@ class CompletionResponse(Response):
         self.state.metrics.admitted(len(self.plan.prompts[st.choice.prompt].ids))
 
     async def _echo_logprobs(self) -> None:
-        """Prompt logprobs from one teacher-forced scoring forward per distinct prompt (off the engine loop):
-        for max_tokens 0 (nothing to generate) and streams (their first chunk carries the prompt's logprobs
-        before any token exists); the other echo requests get them from the engine (`_engine_prompt_logprobs`)."""
+        """Prompt logprobs from a scoring submission per distinct prompt: for max_tokens 0 (nothing to
+        generate) and streams (their first chunk carries the prompt's logprobs before any token exists); the
+        other echo requests get them from their own submission (`_engine_prompt_logprobs`). Up to max_batch
+        prompts at once."""
         if not (self.plan.echo and self.plan.logprobs is not None) or self.plan.engine_prompt_logprobs:
             return
-        for pi in sorted({c.prompt for c in self.plan.choices}):
-            await self._score_prompt(pi)
+        slots = asyncio.Semaphore(self.gen.stats().max_batch)
+
+        async def score(pi: int) -> None:
+            async with slots:
+                await self._score_prompt(pi)
+
+        await gather_or_cancel([score(pi) for pi in sorted({c.prompt for c in self.plan.choices})])
 
     async def _score_prompt(self, pi: int) -> None:
+        """Score a prompt through the engine: a one-token greedy submission with prompt_logprobs, whose
+        prefill forward gives every position's logprobs. It shares the loop's forwards and, with prefix
+        caching, the pool's prefixes: lm-evaluation-harness's continuations of one context compute the
+        context once (engine/prefix_cache.py). A prompt that fills the context has no room for that token:
+        one teacher-forced forward off the loop (Generator.logits) instead."""
         ids = self.plan.prompts[pi].ids
+        k = self.plan.logprobs
+        if len(ids) < self.gen.max_context:
+            out = await self.gen.agenerate(ids, SamplingParams.greedy(1, stop_at_eos=False, prompt_logprobs=k))
+            self._scored[pi] = out
+            self._prompt_lp[pi] = [(ids[0], None, [])] + [(t.token_id, t.logprob, t.top) for t in out.prompt_logprobs[1:]]
+            return
         logits = await asyncio.to_thread(self.gen.logits, ids)                         # (T, V)
-        self._prompt_lp[pi] = await asyncio.to_thread(prompt_logprobs, logits, ids, self.plan.logprobs)
+        self._prompt_lp[pi] = await asyncio.to_thread(prompt_logprobs, logits, ids, k)
 
     async def _engine_prompt_logprobs(self) -> None:
         """Each prompt's logprobs from the engine's output (its prefill forward scored the prompt)."""
@@ -437,9 +455,19 @@ class CompletionResponse(Response):
                 self.state.metrics.finished(d.output, st.finish_reason)
 
     def _usage(self) -> dict:
-        prompt = sum(len(self.plan.prompts[pi].ids) for pi in {c.prompt for c in self.plan.choices})
+        """OpenAI's usage; prompt_tokens_details.cached_tokens: per distinct prompt (counted once, as
+        prompt_tokens does), the prompt tokens that none of its submissions computed (the least any of them
+        reused from the prefix cache; Timings.cached_tokens)."""
+        prompts = {c.prompt for c in self.plan.choices}
+        prompt = sum(len(self.plan.prompts[pi].ids) for pi in prompts)
         completion = sum(st.n_tokens for st in self.states)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        cached = 0
+        for pi in prompts:
+            outs = [st.output for st in self.states if st.choice.prompt == pi and st.output is not None]
+            outs += [self._scored[pi]] if pi in self._scored else []
+            cached += min((o.timings.cached_tokens for o in outs), default=0)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def _account(self) -> None:
         """Submissions that never finished (client gone, error): count them as aborted."""

@@ -11,6 +11,8 @@ alerts written for vLLM read this server unchanged:
     vllm:prompt_tokens_total             counter    prompt tokens admitted
     vllm:generation_tokens_total         counter    tokens generated (aborted requests' tokens included)
     vllm:request_success_total           counter    finished requests, label finished_reason (stop/length/abort)
+    vllm:prefix_cache_queries_total      counter    prompt tokens looked up in the prefix cache (read from the engine)
+    vllm:prefix_cache_hits_total         counter    of them, tokens served from it (vLLM: both count tokens)
 
 Each app has its own registry (several servers can live in one process, as the tests run them).
 Timings are the engine's own (`GenerationOutput.timings`), observed once per finished submission.
@@ -19,7 +21,7 @@ Timings are the engine's own (`GenerationOutput.timings`), observed once per fin
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                 40.0, 80.0, 160.0, 640.0)
@@ -31,7 +33,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _EngineGauges:
-    """Running / waiting read from the engine at scrape time (the engine's count is the truth)."""
+    """Running / waiting and the prefix cache's counters, read from the engine at scrape time (the engine's
+    count is the truth: it also counts the server's scoring submissions and in-process callers)."""
 
     def __init__(self, state, model_name: str):
         self.state = state
@@ -48,6 +51,13 @@ class _EngineGauges:
         waiting.add_metric([self.model_name], stats.waiting if stats else 0)
         yield running
         yield waiting
+        for name, doc, field in (
+                ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+                 "prefix_cache_queries"),
+                ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", "prefix_cache_hits")):
+            counter = CounterMetricFamily(name, doc, labels=["model_name"])
+            counter.add_metric([self.model_name], getattr(stats, field, 0) if stats else 0)
+            yield counter
 
 
 class Metrics:

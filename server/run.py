@@ -105,7 +105,8 @@ def _config(app, timeout_graceful_s: int = 5) -> uvicorn.Config:
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_queue: int = 64,
           api_key: str | None = None, cors_origins: tuple[str, ...] = (), served_model_name: str | None = None,
           threads: int | None = None, precision: str = "fp32", init: str | None = None,
-          drain_timeout_s: float = DRAIN_TIMEOUT_S, log_level: str = "info", draft: str | None = None) -> int:
+          drain_timeout_s: float = DRAIN_TIMEOUT_S, log_level: str = "info", draft: str | None = None,
+          prefix_caching: bool = True) -> int:
     """Serve MODEL (a model directory or a name, exported on first use) until SIGTERM/SIGINT. Returns the exit
     code: 0 after a drain, 1 when the model failed to load."""
     _check_model(model, precision, init, draft)   # before binding: a wrong MODEL is one line, no "listening"
@@ -125,7 +126,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: i
             with warnings.catch_warnings():   # the "ready" line labels random weights, in the log's format
                 warnings.simplefilter("ignore", RandomWeightsWarning)
                 gen = Generator.from_pretrained(directory, threads=threads, max_batch=max_batch, max_queue=max_queue,
-                                                draft=draft)
+                                                draft=draft, prefix_caching=prefix_caching)
             state.root = str(Path(directory).resolve())
             label = " [" + gen.artifact.label + "]" if gen.artifact.is_random else ""
             state.set_ready(gen)
