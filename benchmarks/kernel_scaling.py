@@ -295,3 +295,118 @@ def report(name: str, results: list[KernelScaling], threads: int) -> str:
                      f"{r.attention_s[b] * 1e3:.2f} ({r.part_ratio('attention'):.2f}x) | {r.step_scaling:.2f}x | "
                      f"{r.prefill_s[b] * 1e3:.1f} | {r.tokens_scaling:.2f}x |")
     return "\n".join(lines)
+
+
+# ---- the exported model's own forward, batch by batch (`bench-kernels --forward NAME=DIR`) ----------------
+#
+# What issue 22's goals are stated in: the raw `backend.forward` of a decode step at batch 1 and B (rows
+# at 40-70 filled positions, as after a short prompt) and a prefill of P tokens, for several model
+# directories side by side (fp32 and int8, or two int8 kernels). Each model runs in its own process, as a
+# serving process would: sessions of several models in one process measured batch-1 int8 ~1.6x slower
+# than alone (their thread pools and caches interfere), which hid a 1.3x batch-1 difference between
+# two int8 kernels. The driver asks each worker in turn for a block of steps (rounds alternate the order,
+# so a slow phase of a shared machine lands on every model) and reports medians of the block means.
+
+FILL_POSITIONS = (40, 2)  # row r of the pool holds 40 + 2r tokens before the timed decode steps
+
+_WORKER = """
+import sys, time
+import numpy as np
+from engine.artifact import load_artifact
+from engine.backends.ort import OrtBackend
+path, (threads, rows, prefill, start, step) = sys.argv[1], map(int, sys.argv[2:7])
+b = OrtBackend(load_artifact(path), threads=threads)
+rng = np.random.default_rng(0)
+pool = b.new_cache(rows, b.config.n_positions)
+for r in range(rows):
+    n = start + step * r
+    b.forward(b.view(pool, r, r + 1), rng.integers(0, b.config.vocab_size, (1, n)), np.array([0]), np.array([[n - 1]]))
+pos = np.array([start + step * r for r in range(rows)])
+one = b.new_cache(1, pool.capacity)
+prompt = rng.integers(0, b.config.vocab_size, (1, prefill))
+def call(kind, n):
+    if kind == "decode":
+        v = b.view(pool, 0, n)
+        return lambda: b.forward(v, rng.integers(0, b.config.vocab_size, (n, 1)), pos[:n], np.zeros((n, 1), np.int64))
+    return lambda: b.forward(one, prompt, np.array([0]), np.array([[prefill - 1]]))
+calls = {}
+print("ready", flush=True)
+for line in sys.stdin:
+    kind, n, reps = line.split()
+    f = calls.setdefault((kind, n), call(kind, int(n)))
+    f()  # untimed: the same step repeats in serving
+    t0 = time.perf_counter()
+    for _ in range(int(reps)):
+        f()
+    print((time.perf_counter() - t0) / int(reps), flush=True)
+"""
+
+
+@dataclass
+class ForwardScaling:
+    """Median seconds per call: decode[name][batch] and prefill[name], for prefill_len tokens."""
+
+    batches: tuple[int, ...]
+    prefill_len: int
+    decode: dict[str, dict[int, float]]
+    prefill: dict[str, float]
+
+
+def forward_scaling(models: dict[str, Path], batches: tuple[int, ...] = (8, 16), prefill_len: int = 512,
+                    threads: int = 2, repeats: int = 7, steps: int = 8, progress=print) -> ForwardScaling:
+    """Time each model directory's forward (see the section comment) in worker processes, interleaved."""
+    import os
+    import statistics
+    import subprocess
+    import sys
+    if not models or any(b < 1 for b in batches) or repeats < 1 or threads < 1 or prefill_len < 1:
+        raise InputError(f"need at least one model and batches, repeats, threads, prefill_len >= 1, got "
+                         f"{len(models)} models, {batches}, {repeats}, {threads}, {prefill_len}")
+    sizes = sorted({1, *batches})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")])}
+    workers = {}
+    try:
+        for name, path in models.items():
+            progress(f"{name}: loading {path}")
+            p = subprocess.Popen([sys.executable, "-c", _WORKER, str(path), *map(str, (threads, max(sizes), prefill_len, *FILL_POSITIONS))],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+            workers[name] = p
+            if p.stdout.readline().strip() != "ready":
+                raise InputError(f"{name}: the worker for {path} did not start (its error is above)")
+        jobs = [("decode", b, steps) for b in sizes] + [("prefill", prefill_len, 1)]
+        times: dict[tuple, list[float]] = {}
+        names = list(workers)
+        for r in range(repeats):
+            for kind, n, reps in jobs:
+                for name in (names if r % 2 == 0 else names[::-1]):
+                    time.sleep(0.05)  # the last worker's threads stop spinning before the next one runs
+                    p = workers[name]
+                    p.stdin.write(f"{kind} {n} {reps}\n")
+                    p.stdin.flush()
+                    times.setdefault((name, kind, n), []).append(float(p.stdout.readline()))
+            progress(f"round {r + 1}/{repeats}")
+    finally:
+        for p in workers.values():
+            if p.stdin:
+                p.stdin.close()
+            p.wait(timeout=60)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return ForwardScaling(tuple(sizes), prefill_len, {n: {b: med[(n, "decode", b)] for b in sizes} for n in models},
+                          {n: med[(n, "prefill", prefill_len)] for n in models})
+
+
+def forward_report(r: ForwardScaling, threads: int) -> str:
+    """Markdown: decode ms per batch (x its batch 1), prefill ms (x the first model's)."""
+    first = next(iter(r.prefill))
+    lines = [f"backend.forward, one process per model, {threads} threads, decode rows at "
+             f"{FILL_POSITIONS[0]}..{FILL_POSITIONS[0] + FILL_POSITIONS[1] * (max(r.batches) - 1)} filled positions "
+             f"(medians of interleaved rounds)",
+             "| model | " + " | ".join(f"decode B={b} ms" for b in r.batches) + f" | prefill {r.prefill_len} ms |",
+             "|---|" + "---|" * (len(r.batches) + 1)]
+    for name, d in r.decode.items():
+        cells = [f"{d[b] * 1e3:.2f}" + ("" if b == 1 else f" ({d[b] / d[1]:.2f}x)") for b in r.batches]
+        pf = r.prefill[name]
+        cells.append(f"{pf * 1e3:.1f}" + ("" if name == first else f" ({pf / r.prefill[first]:.2f}x {first})"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

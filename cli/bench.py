@@ -183,7 +183,8 @@ def bench(ctx, models, init, seed, init_range, batches, prompt_lens, new_tokens,
 
 @click.command("bench-kernels", context_settings={"help_option_names": ["-h", "--help"]}, epilog=examples(
     "gpt2-engine bench-kernels --model gpt2",
-    "gpt2-engine bench-kernels --model gpt2-medium --batch 8 --threads 2"))
+    "gpt2-engine bench-kernels --model gpt2-medium --batch 8 --threads 2",
+    "gpt2-engine bench-kernels --forward fp32=DIR --forward int8=DIR2 --batch 8 --batch 16"))
 @click.option("--model", "models", multiple=True, default=("gpt2",), show_default=True,
               help="Size name (gpt2 .. gpt2-xl, distilgpt2); repeatable.")
 @click.option("--batch", "batches", type=click.IntRange(min=2), multiple=True, default=(8, 16), show_default=True,
@@ -195,9 +196,16 @@ def bench(ctx, models, init, seed, init_range, batches, prompt_lens, new_tokens,
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads (default: physical cores).")
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Interleaved timing rounds; the best is kept.")
+              help="Interleaved timing rounds; the best is kept (--forward: the median, default 7 rounds).")
+@click.option("--forward", "forward", multiple=True, metavar="NAME=DIR",
+              help="Instead of the kernels alone: each exported model directory's own forward (decode at batch 1 "
+                   "and every --batch, prefill of --prefill-len tokens), one process per model, interleaved; "
+                   "repeatable.")
+@click.option("--prefill-len", type=click.IntRange(min=1), default=512, show_default=True,
+              help="With --forward: prompt tokens of the timed prefill.")
+@click.pass_context
 @friendly_errors
-def bench_kernels(models, batches, prompt_len, new_tokens, threads, repeats):
+def bench_kernels(ctx, models, batches, prompt_len, new_tokens, threads, repeats, forward, prefill_len):
     """How far ONNX Runtime's own CPU kernels let generation scale with batch: the decoder's linear
     layers and GroupQueryAttention timed alone, in the model's shapes, on random weights.
 
@@ -209,6 +217,10 @@ def bench_kernels(models, batches, prompt_len, new_tokens, threads, repeats):
     from engine.config import SIZES, canonical_size_name
     from engine.errors import InputError
     threads = threads or _physical_cores()
+    if forward:
+        _bench_forward(forward, batches, prefill_len, threads,
+                       repeats if ctx.get_parameter_source("repeats") is ParameterSource.COMMANDLINE else 7)
+        return
     for model in dict.fromkeys(models):
         size = canonical_size_name(model)
         if size is None:
@@ -217,6 +229,24 @@ def bench_kernels(models, batches, prompt_len, new_tokens, threads, repeats):
                           progress=lambda msg: click.echo(msg, err=True))
         click.echo(report(size, results, threads))
         click.echo()
+
+
+def _bench_forward(forward, batches, prefill_len, threads, repeats):
+    from benchmarks.conditions import collect_conditions, format_header
+    from benchmarks.kernel_scaling import forward_report, forward_scaling
+    from engine.errors import InputError
+    models = {}
+    for spec in forward:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path or not Path(path).is_dir():
+            raise InputError(f"--forward takes NAME=DIR with an exported model directory, got {spec!r}")
+        models[name] = Path(path)
+    click.echo(format_header(collect_conditions()))
+    result = forward_scaling(models, tuple(dict.fromkeys(batches)), prefill_len, threads, repeats,
+                             progress=lambda msg: click.echo(msg, err=True))
+    click.echo(forward_report(result, threads))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    click.echo(f"load average (1 min) after: {load:.2f}" if load is not None else "")
 
 
 # bench-serve's vocabulary (benchmarks/serve_bench.py), repeated for the same reason as above;

@@ -33,7 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from engine import artifact as io
 from engine.config import GPT2Config
-from export.quantize import ACCURACY_LEVEL, BITS, block_size_for, quantize_blocks
+from export.quantize import ACCURACY_LEVEL, BITS, block_size_for, quantize_blocks, quantize_columns
 
 FLOAT, FLOAT16, INT32, INT64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT32, TensorProto.INT64
 # Large negative additive mask: finite so a fully masked row (never produced here) cannot yield NaN.
@@ -141,7 +141,10 @@ class _Graph:
 
 def _matmul_int8(g: _Graph, x: str, key: str, weight: np.ndarray, role: str) -> str:
     """x @ W as MatMulNBits (com.microsoft): W (K, N) quantized here, block size by role
-    (export/quantize.py), its operands streamed to the external data like every other weight."""
+    (export/quantize.py), its operands streamed to the external data like every other weight.
+    With g.int8_kernel == "qgemm": MLAS's int8 GEMM instead (export/quantize.py says when each wins)."""
+    if getattr(g, "int8_kernel", "matmulnbits") == "qgemm":
+        return _matmul_qgemm(g, x, key, weight)
     k, n = weight.shape
     block = block_size_for(role, k)
     packed, scales = quantize_blocks(weight, block)
@@ -149,6 +152,20 @@ def _matmul_int8(g: _Graph, x: str, key: str, weight: np.ndarray, role: str) -> 
     S = g.initializer(f"{key}_scales", scales)
     return g.op("MatMulNBits", [x, B, S], domain="com.microsoft", K=k, N=n, bits=BITS, block_size=block,
                 accuracy_level=ACCURACY_LEVEL)
+
+
+def _matmul_qgemm(g: _Graph, x: str, key: str, weight: np.ndarray) -> str:
+    """x @ W on MLAS's U8S8 GEMM (VNNI): W int8 per output column; each row of x quantized on the fly
+    to uint8 around 128 with its own scale (absmax), so a row's result never depends on the others in
+    the batch. The 1/127 of both scales is folded into W's column scales; an all-zero row gets scale 0
+    and a zero product (its quantized bytes are then arbitrary)."""
+    q, col_scale = quantize_columns(weight)                                         # (K, N) int8, (N,)
+    Wq = g.initializer(f"{key}_S8", q)
+    S = g.initializer(f"{key}_col_scales", col_scale / np.float32(127))
+    zp = g.const("zp128", np.array(128, np.uint8))
+    amax = g.op("ReduceMax", [g.op("Abs", [x]), g.const("last", np.array([-1], np.int64))], keepdims=1)  # (.., 1)
+    xq = g.op("QuantizeLinear", [g.op("Div", [x, amax]), g.const("q127", np.array(1 / 127, np.float32)), zp])  # (.., K) u8
+    return g.op("MatMulIntegerToFloat", [xq, Wq, amax, S, zp], domain="com.microsoft")  # (.., N) fp32
 
 
 def _linear(g: _Graph, x: str, prefix: str, w: dict[str, np.ndarray]) -> str:

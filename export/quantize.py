@@ -24,6 +24,20 @@ accuracy_level 1/3 for 8 bits (MLAS has no such 8-bit kernel: ~20x slower); Dyna
 MatMulInteger (fast, but one activation scale per row: argmax agreement 53-62% vs 75% on the bench's
 init-0.1 gpt2); an fp32 LM head (+115 MB per step, 1.9x slower); 4-bit MatMulNBits (0.70x the time,
 but 19% / 56% argmax agreement on init 0.1 / 0.02 weights: below the bench's lossy gate).
+
+The "qgemm" kernel (graph.py's _matmul_qgemm; issue 22), for a graph that runs batched steps and
+prefill: weights int8 per output column, activations quantized per row at run time (uint8 around 128,
+absmax scale) and multiplied on MLAS's U8S8 GEMM (AVX-512 VNNI) by MatMulIntegerToFloat. Which kernel
+wins depends on M (rows per matmul): measured on gpt2 (2-core AMD EPYC, avx512_vnni, no AMX; one process
+per model, interleaved rounds, three runs at load 2-3.8; docs/bench/README.md "Batched step (issue 22)"),
+qgemm against MatMulNBits: decode batch 1 1.02-1.29x (slower: the GEMV path and the per-row
+quantization's 3 small ops per matmul), batch 8 0.84-0.94x, batch 16 0.84-0.89x, prefill of 512 tokens
+0.65-0.80x (0.44-0.58x fp32's). Accuracy, same gates (tests/test_int8.py): argmax agreement 93.2% and
+max logit error 0.171 x std against MatMulNBits' 95.9% / 0.134 (per-row activation scales are coarser
+than MatMulNBits' per-block ones; the weights alone per column cost almost nothing: 95.6% / 0.118).
+MatMulNBits stays the default; a second graph for batched steps costs the packed qgemm weights
+again (gpt2: +139 MB RSS per process beside the 158 MB of the MatMulNBits session). On init-0.1 weights
+(128 teacher-forced tokens against the fp32 export, seed 0): 68.8% / 1.20 x std, MatMulNBits 73.4% / 0.93.
 """
 
 from __future__ import annotations
@@ -54,8 +68,11 @@ def block_size_for(role: str | None, k: int) -> int:
     return block
 
 
-def quantization_info() -> dict:
+def quantization_info(kernel: str = "matmulnbits") -> dict:
     """What the int8 export did, for the manifest."""
+    if kernel == "qgemm":
+        return {"op": "com.microsoft.MatMulIntegerToFloat", "bits": BITS, "symmetric": True,
+                "weights": "int8 per output column", "activations": "uint8 per row (zero point 128), dynamic"}
     return {"op": "com.microsoft.MatMulNBits", "bits": BITS, "symmetric": True, "accuracy_level": ACCURACY_LEVEL,
             "block_size": dict(BLOCK_SIZES), "block_size_rule": "halved until it divides K"}
 
@@ -79,3 +96,12 @@ def quantize_blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndar
     zero_points = np.zeros((n, k // block), np.uint8)  # written by the kernel, not used: symmetric
     quantize_matmul_8bits(packed, np.ascontiguousarray(weight, np.float32), scales, zero_points, block, n, k, True)
     return packed, scales
+
+
+def quantize_columns(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One (K, N) fp32 weight as the "qgemm" kernel's operands: int8 (K, N), symmetric, one scale per
+    output column ((N,) fp32, absmax / 127). MLAS packs it for its U8S8 GEMM when the session loads."""
+    w = np.asarray(weight, np.float32)
+    scale = np.maximum(np.abs(w).max(axis=0), np.finfo(np.float32).tiny) / 127                  # (N,)
+    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)                                   # (K, N)
+    return q, scale.astype(np.float32)

@@ -82,3 +82,20 @@ def test_cli_names_the_sizes_it_knows():
     res = CliRunner().invoke(cli.bench_kernels, ["--model", "gpt3"])
     assert res.exit_code == 1
     assert "'gpt3' is not a model name (distilgpt2, gpt2, gpt2-medium" in res.output
+
+
+def test_forward_scaling_times_each_model_directory_in_its_own_process(tiny_model):
+    """bench-kernels --forward: decode at batch 1 and B and a prefill per model, and the table's ratios."""
+    from benchmarks.kernel_scaling import forward_report, forward_scaling
+    r = forward_scaling({"a": tiny_model.art, "b": tiny_model.art}, (3,), prefill_len=16, threads=1,
+                        repeats=2, steps=2, progress=lambda _: None)
+    assert r.batches == (1, 3) and set(r.decode) == set(r.prefill) == {"a", "b"}
+    assert all(t > 0 for d in r.decode.values() for t in d.values()) and all(t > 0 for t in r.prefill.values())
+    table = forward_report(r, threads=1)
+    assert f"| b | {r.decode['b'][1] * 1e3:.2f} | {r.decode['b'][3] * 1e3:.2f} ({r.decode['b'][3] / r.decode['b'][1]:.2f}x)" in table
+    assert f"({r.prefill['b'] / r.prefill['a']:.2f}x a)" in table
+
+
+def test_cli_forward_wants_name_equals_directory(tmp_path):
+    res = CliRunner().invoke(cli.bench_kernels, ["--forward", str(tmp_path)])
+    assert res.exit_code == 1 and "--forward takes NAME=DIR" in res.output
