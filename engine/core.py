@@ -244,6 +244,12 @@ class EngineCore:
             return EngineStats(n, len(self._waiting), self.max_batch - n, self.max_batch, self.max_queue,
                                self.forward_calls, self.prefix_queries, self.prefix_hits)
 
+    def set_prefix_caching(self, on: bool) -> None:
+        """Turn prefix caching on or off from the next admission; off also forgets what free rows hold (A/B
+        measurements on one engine: benchmarks/prefix_cache.py)."""
+        with self._cond:
+            self.prefix_caching = bool(on)
+
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -311,6 +317,8 @@ class EngineCore:
         to make before the next forward, in order: (src, dst, slots, draft slots). Under the lock."""
         copies: list[tuple[int, int, int, int]] = []
         deferred = []
+        if not self.prefix_caching and len(self._prefix):     # switched off (set_prefix_caching)
+            self._prefix = PrefixCache()
         while self._waiting and len(self._active) < self.max_batch:
             r = self._waiting.popleft()
             slot = self._place(r, copies) if self.prefix_caching else self._slots.index(None)
@@ -636,7 +644,7 @@ class EngineCore:
         r.slot = None
         if self.prefix_caching and r.error is None:
             row = _live_row(r)
-            row.tokens = row.tokens[:row.length]
+            row.tokens, row.prefilling = row.tokens[:row.length], False
             self._prefix.hold(slot, row)
 
     def _finish_unadmitted(self, r: Request, reason: str) -> None:
@@ -672,7 +680,7 @@ def _live_row(r: Request) -> Row:
     tokens = prompt
     if n > len(prompt):
         tokens = np.concatenate([prompt, np.asarray(r.row.generated[:n - len(prompt)], np.int64)])
-    return Row(tokens, n, r.prompt_logprobs, r.row.params.prompt_logprobs, min(r.draft_filled, n))
+    return Row(tokens, n, not r.decoding, r.prompt_logprobs, r.row.params.prompt_logprobs, min(r.draft_filled, n))
 
 
 def _first_k(e: TokenLogprob, k: int) -> TokenLogprob:

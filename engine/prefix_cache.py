@@ -47,6 +47,7 @@ class Row:
 
     tokens: np.ndarray                 # int64: the row's sequence (a prefilling row's whole prompt)
     length: int                        # slots holding valid keys and values
+    prefilling: bool = False           # tokens[length:] are the rest of its prompt, on their way
     scores: Sequence[Any] | None = None   # prompt logprob entries: [j] scores token j given < j ([0]: None)
     scores_k: int | None = None        # alternatives per entry in `scores`
     draft_length: int = 0              # slots of the draft pool's row holding tokens[:draft_length]
@@ -74,16 +75,19 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 def reusable(prompt: np.ndarray, row: Row, prompt_logprobs: int | None = None) -> tuple[int, int]:
     """(tokens of `prompt` this row gives now, tokens it will give once its prompt is prefilled)."""
     common = common_prefix(prompt, row.tokens)
-    cap = len(prompt) - 1                                  # one prompt token is always computed
-    if prompt_logprobs is not None:
-        if row.scores is None or row.scores_k is None or row.scores_k < prompt_logprobs:
-            return 0, 0
-        cap = min(cap, common - 1)                         # token m is scored by the logits at m - 1
-        now = min(common, row.length, cap, len(row.scores) - 1)
-    else:
-        now = min(common, row.length, cap)
-    later = max(min(common, cap), now)
-    return max(now, 0), max(later, 0)
+
+    def gives(length: int, scored: int) -> int:           # scored: prompt logprob entries, [0] included
+        cap = len(prompt) - 1                              # one prompt token is always computed
+        if prompt_logprobs is not None:
+            if row.scores is None or row.scores_k is None or row.scores_k < prompt_logprobs:
+                return 0
+            cap = min(cap, common - 1, scored - 1)         # token m is scored by the logits at m - 1
+        return max(min(common, length, cap), 0)
+
+    now = gives(row.length, len(row.scores) if row.scores is not None else 0)
+    # A prefilling row will hold (and have scored) its whole prompt; any other row is what it is.
+    later = gives(len(row.tokens), len(row.tokens)) if row.prefilling else now
+    return now, max(later, now)
 
 
 def lookup(prompt: np.ndarray, held: dict[int, Row], live: dict[int, Row],

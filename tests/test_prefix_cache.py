@@ -42,7 +42,8 @@ def test_common_prefix():
 def test_reuse_keeps_one_prompt_token_and_trusts_only_filled_slots():
     prompt = ids(1, 2, 3, 4)
     assert reusable(prompt, Row(ids(1, 2, 3, 4, 9), 5)) == (3, 3)          # the same prompt: all but the last
-    assert reusable(prompt, Row(ids(1, 2, 3, 4), 2)) == (2, 3)             # prefilled 2 of 4: 3 once it is in
+    assert reusable(prompt, Row(ids(1, 2, 3, 4), 2, prefilling=True)) == (2, 3)   # 2 of 4 in: 3 once it is
+    assert reusable(prompt, Row(ids(1, 2, 3, 4), 2)) == (2, 2)             # an aborted prefill: no more to come
     assert reusable(prompt, Row(ids(1, 7), 2)) == (1, 1)
     assert reusable(ids(1), Row(ids(1, 2), 2)) == (0, 0)                   # a one-token prompt computes it
 
@@ -51,11 +52,13 @@ def test_prompt_logprobs_reuse_only_scored_positions():
     prompt = ids(1, 2, 3, 4, 5)
     held = ids(1, 2, 3, 9)
     assert reusable(prompt, Row(held, 4), prompt_logprobs=1) == (0, 0)                    # the source did not score
-    assert reusable(prompt, Row(held, 4, scores(3, 1), 1), prompt_logprobs=2) == (0, 0)   # fewer alternatives
+    assert reusable(prompt, Row(held, 4, False, scores(3, 1), 1), prompt_logprobs=2) == (0, 0)  # fewer alternatives
     # common 3: token 3 (a 9 there) is scored by the logits at position 2, which must be recomputed.
-    assert reusable(prompt, Row(held, 4, scores(3, 2), 2), prompt_logprobs=1) == (2, 2)
+    assert reusable(prompt, Row(held, 4, False, scores(3, 2), 2), prompt_logprobs=1) == (2, 2)
     # a source prefilled 2 of its prompt has scored tokens 1..2 (entries 0..2): 2 now, 4 when it is in
-    assert reusable(prompt, Row(ids(1, 2, 3, 4, 5, 6), 2, scores(2, 1), 1), prompt_logprobs=1) == (2, 4)
+    assert reusable(prompt, Row(ids(1, 2, 3, 4, 5, 6), 2, True, scores(2, 1), 1), prompt_logprobs=1) == (2, 4)
+    # a finished row scored only its prompt (3 tokens), not what it generated: never more than 2
+    assert reusable(prompt, Row(ids(1, 2, 3, 4, 5), 5, False, scores(2, 1), 1), prompt_logprobs=1) == (2, 2)
 
 
 def test_lookup_longest_then_held_on_a_tie_and_the_gain_of_waiting():
@@ -64,11 +67,11 @@ def test_lookup_longest_then_held_on_a_tie_and_the_gain_of_waiting():
     live = {0: Row(ids(1, 2, 3, 4, 0), 5)}
     match, gain = lookup(prompt, held, live)
     assert (match.slot, match.length, match.held, gain) == (5, 4, True, 0)   # a tie with row 0: no copy
-    live[1] = Row(ids(1, 2, 3, 4, 5, 6, 7), 2)                               # prefilling: 5 once it is in
+    live[1] = Row(ids(1, 2, 3, 4, 5, 6, 7), 2, prefilling=True)              # 5 once its prompt is in
     match, gain = lookup(prompt, held, live)
     assert (match.slot, match.length, gain) == (5, 4, 1)
     assert lookup(ids(9, 9), held, live) == (None, 0)
-    assert lookup(prompt, {}, {1: Row(ids(1, 2, 3, 4, 5), 0)}) == (None, 5)
+    assert lookup(prompt, {}, {1: Row(ids(1, 2, 3, 4, 5), 0, prefilling=True)}) == (None, 5)
 
 
 def test_waiting_pays_when_the_shared_tokens_cost_more_than_a_forward():
@@ -218,6 +221,13 @@ def test_prompt_logprobs_are_kept_from_the_source_and_truncated(warm, cold):
     c = warm.generate(CONTEXT + SUFFIXES[3], SamplingParams(max_new_tokens=2, prompt_logprobs=5, seed=0))
     assert c.timings.cached_tokens == 0                            # nobody scored 5 alternatives
     assert a.prompt_logprobs[1].top[:1] == b.prompt_logprobs[1].top
+    # A finished row scored its prompt, not what it generated: a prompt running past its prompt reuses the
+    # scored part and does not wait for more (a deadline would end a request that waited forever).
+    long = warm.generate(CONTEXT, SamplingParams(max_new_tokens=60, prompt_logprobs=1, seed=0, stop_at_eos=False))
+    follow = CONTEXT + long.token_ids + SUFFIXES[1]
+    d = warm.generate(follow, p, deadline_s=20)
+    assert d.finish_reason == "length" and d.timings.cached_tokens == len(CONTEXT) - 1
+    same(d, cold.generate(follow, p), logprobs=True)
 
 
 def test_a_prefix_ending_inside_a_multibyte_character(warm, cold):
@@ -311,6 +321,19 @@ def test_batch_invariance_with_shared_prefixes(warm, cold):
     assert sum(o.timings.cached_tokens for o in outs) > 2 * len(CONTEXT)
     for o, ref in zip(outs, alone):
         same(o, ref, logprobs=True)
+
+
+def test_switching_prefix_caching_off_forgets_the_pool(warm, cold):
+    warm.generate(CONTEXT, SamplingParams.greedy(3))
+    assert len(warm.core._prefix) > 0
+    try:
+        warm.core.set_prefix_caching(False)
+        out = warm.generate(CONTEXT, SamplingParams.greedy(3))
+        assert out.timings.cached_tokens == 0 and len(warm.core._prefix) == 0
+    finally:
+        warm.core.set_prefix_caching(True)
+    warm.generate(CONTEXT, SamplingParams.greedy(3))
+    assert warm.generate(CONTEXT, SamplingParams.greedy(3)).timings.cached_tokens == len(CONTEXT) - 1
 
 
 def test_prefix_caching_off_reuses_nothing(cold):
