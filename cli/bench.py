@@ -1,4 +1,4 @@
-"""`gpt2-engine bench`, `bench-kernels`, `bench-serve`: the click commands over the harness (benchmarks/).
+"""`gpt2-engine bench`, `bench-kernels`, `bench-serve`, `bench-load`: the click commands over the harness (benchmarks/).
 
 They live in cli/, the composition root, so that benchmarks/ imports no command-line code (the layers
 import downwards only: docs/ARCHITECTURE.md); cli/main.py adds them to the `gpt2-engine` group, and
@@ -377,6 +377,38 @@ def bench_serve(ctx, models, init, seed, init_range, threads, max_batch, prefill
                f"in {time.perf_counter() - t0:.0f} s", err=True)
     if not any(r.ok for r in result.records):
         sys.exit(1)
+
+
+@click.command("bench-load", context_settings={"help_option_names": ["-h", "--help"]}, epilog=examples(
+    "gpt2-engine bench-load gpt2 --init random",
+    "gpt2-engine bench-load artifacts/gpt2 --batch 8 --rounds 5 --out load.json"))
+@click.argument("model")
+@click.option("--init", type=click.Choice(["random"]), default=None, help="For a size name: random weights.")
+@click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="For a name: the export to load.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads (default: physical cores).")
+@click.option("--batch", type=click.IntRange(min=2), default=8, show_default=True, help="Clients (and slots).")
+@click.option("--prompt-len", type=click.IntRange(min=1), default=12, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True, help="Interleaved rounds.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the record (JSON).")
+@friendly_errors
+def bench_load(model, init, precision, threads, batch, prompt_len, new_tokens, rounds, out):
+    """The engine loop under concurrent load against its own ceiling: requests arriving together vs the
+    static batch, closed-loop clients vs B / the raw batch-B forward, the loop's host time per step
+    (benchmarks/engine_load.py); validated before timing."""
+    import json
+
+    from benchmarks.engine_load import LoadPlan, run_load_bench
+    from engine import Generator
+    kwargs = {"init": init, "precision": precision} if not Path(model).is_dir() else {}
+    # Prefix caching off: the shapes repeat their prompts round after round, and this measures batching.
+    with Generator.from_pretrained(model, threads=threads or _physical_cores(), max_batch=batch,
+                                   prefix_caching=False, **kwargs) as gen:
+        rec = run_load_bench(gen, LoadPlan(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, rounds=rounds),
+                             out, echo=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps({k: rec[k] for k in ("median_ratios", "median_ms", "first_tokens_ms_last_round", "cpu",
+                                               "load_before")}, indent=2))
 
 
 if __name__ == "__main__":

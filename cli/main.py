@@ -121,11 +121,12 @@ def inspect(directory, as_json):
         click.echo(str(directory))
         _print_info(art)
 
-from cli.bench import bench, bench_kernels, bench_serve  # noqa: E402  (the harness is imported only when they run)
+from cli.bench import bench, bench_kernels, bench_load, bench_serve  # noqa: E402  (the harness is imported only when they run)
 
 main.add_command(bench)
 main.add_command(bench_kernels)
 main.add_command(bench_serve)
+main.add_command(bench_load)
 
 
 @main.command(epilog=examples(

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from cli.main import main
 
-COMMANDS = ["bench", "bench-kernels", "bench-serve", "build", "export", "generate", "inspect", "serve"]
+COMMANDS = ["bench", "bench-kernels", "bench-load", "bench-serve", "build", "export", "generate", "inspect", "serve"]
 
 
 def examples_of(cmd: click.Command) -> list[str]:
