@@ -318,7 +318,7 @@ class EngineCore:
         copies: list[tuple[int, int, int, int]] = []
         deferred = []
         if not self.prefix_caching and len(self._prefix):     # switched off (set_prefix_caching)
-            self._prefix = PrefixCache()
+            self._prefix.clear()
         while self._waiting and len(self._active) < self.max_batch:
             r = self._waiting.popleft()
             slot = self._place(r, copies) if self.prefix_caching else self._slots.index(None)
@@ -360,6 +360,7 @@ class EngineCore:
 
     def _copy(self, src: int, dst: int, n: int, draft_n: int = 0) -> None:
         """Copy row src's first n slots over row dst (and the draft pool's first draft_n)."""
+        self._prefix.written((dst,))
         self.backend.copy_row(self._cache, src, dst, n)
         if draft_n and self.draft is not None:
             self.draft.copy_row(self._draft_cache, src, dst, draft_n)
@@ -478,6 +479,7 @@ class EngineCore:
         """Put order[i] in slot i (each segment is a contiguous run of rows): a request moves into a free
         slot with one row copy, or swaps with the slot's holder through the scratch row (three)."""
         scratch = self.max_batch
+        self._prefix.written(range(len(order)))       # the forward writes every row of the plan
         if len(self._prefix):
             self._keep_held(order)
         for i, r in enumerate(order):
@@ -495,8 +497,9 @@ class EngineCore:
     def _keep_held(self, order: list[Request]) -> None:
         """Slots [0, len(order)) are about to take the plan's rows: a held row there moves to a free slot
         past them (an empty one, or one whose content was used less recently), or, when none is free, to
-        the slot that its replacement order[i] leaves (through the scratch row unless that row holds
-        nothing yet); failing both it is dropped."""
+        the slot that its replacement order[i] leaves if that row was written before (through the scratch
+        row unless it holds nothing yet); failing both it is dropped (prefix_cache: no fresh row is written
+        to keep a row)."""
         n, scratch = len(order), self.max_batch
         for i in range(n):
             row = self._prefix.held(i)
@@ -507,7 +510,7 @@ class EngineCore:
             if spare is not None:
                 self._copy(i, spare, row.length, row.draft_length)
                 self._prefix.move(i, spare)
-            elif r.slot is not None and n <= r.slot < scratch:
+            elif r.slot is not None and n <= r.slot < scratch and self._prefix.is_written(r.slot):
                 src = r.slot
                 self._prefix.move(i, src)              # src is free once r has moved into i
                 if r.filled or r.draft_filled:
@@ -529,6 +532,7 @@ class EngineCore:
             self._slots[src] = None
         if dst < self.max_batch:
             self._prefix.forget(dst)
+            self._prefix.written((dst,))
             self._slots[dst] = r
         r.slot = dst
 

@@ -25,13 +25,19 @@ that scored it itself (its own prompt logprobs, with at least as many alternativ
 copied. m reused tokens need the source's entries for tokens 1..m, and token m must be shared too (it
 is scored by the logits at position m - 1, which nobody recomputes): m <= common - 1.
 
-Which free row gives up its content (`PrefixCache.victim`, `spare`): empty rows first, then held rows
-least recently used first (a held row is used when it is kept; moving it between slots is no use).
+Which free row gives up its content (`PrefixCache.victim`, `spare`): a written row that holds nothing
+first, then held rows least recently used first (a held row is used when it is kept; moving it between
+slots is no use), and a row never written only when a request needs a slot. The pool commits memory
+where it is first written (engine/backends/ort.py lazy_zeros; a first write into a gpt2 row cost ~160
+ms of page faults on the 2-core VM, and ~75 MB of RSS): the cache keeps what requests left in written
+rows and never writes a fresh row of its own, so a request that shares nothing pays none of that
+(measured before this rule: unrelated 100-token requests after a 600-token one had their TTFT go from
+115 to 250-400 ms while held rows were moved into fresh rows).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +124,7 @@ class PrefixCache:
 
     def __init__(self):
         self._held: dict[int, Row] = {}
+        self._written: set[int] = set()   # rows written at least once: their memory is committed
         self._tick = 0
 
     def __len__(self) -> int:
@@ -132,11 +139,23 @@ class PrefixCache:
     def rows(self) -> dict[int, Row]:
         return dict(self._held)
 
+    def written(self, slots: Iterable[int]) -> None:
+        """These rows are being written (a forward's rows, a copy's destination)."""
+        self._written.update(slots)
+
+    def is_written(self, slot: int) -> bool:
+        return slot in self._written
+
+    def clear(self) -> None:
+        """Forget every held row (prefix caching switched off); which rows were written stays known."""
+        self._held.clear()
+
     def hold(self, slot: int, row: Row) -> None:
         """A finished request's row stays in `slot` (its slot is free) until the slot is needed."""
         if row.length <= 0:
             self._held.pop(slot, None)
             return
+        self._written.add(slot)
         self._tick += 1
         row.used = self._tick
         self._held[slot] = row
@@ -150,35 +169,33 @@ class PrefixCache:
         self._held[dst] = self._held.pop(src)     # a move is not a use: it keeps its place in the LRU order
 
     def victim(self, free: Sequence[int]) -> int:
-        """The free slot a new request should overwrite: an empty one (lowest first), else the held row
-        least recently used."""
-        empty = [s for s in free if s not in self._held]
+        """The free slot a new request should overwrite: a written row holding nothing (lowest first), else
+        the held row least recently used, else a row never written."""
+        empty = [s for s in free if s in self._written and s not in self._held]
         if empty:
             return min(empty)
-        return min(free, key=lambda s: self._held[s].used)
+        held = [s for s in free if s in self._held]
+        if held:
+            return min(held, key=lambda s: self._held[s].used)
+        return min(free)
 
     def spare(self, free: Sequence[int], than: Row) -> int | None:
-        """A free slot to move `than` into: an empty one, else a held row used before it; None if every
-        candidate is more recent (then `than` is the one to lose)."""
+        """A free slot to keep `than` in: a written row holding nothing, else a held row used before it;
+        None when there is none (then `than` is the one to lose: a fresh row is not written for it)."""
         if not free:
             return None
         s = self.victim(free)
-        if s not in self._held or self._held[s].used < than.used:
-            return s
-        return None
+        if s in self._held:
+            return s if self._held[s].used < than.used else None
+        return s if s in self._written else None
 
     def slot_for(self, free: Sequence[int], match: Match | None) -> int:
         """Where a new request goes: the held row it reuses when what that row holds past the prefix is
-        short (< KEEP_TAIL tokens) or older than every other free slot's content; else the victim."""
+        short (< KEEP_TAIL tokens) or no other free slot can take the copy (`spare`); else the victim."""
         if match is not None and match.held and match.length > 0:
             source = self._held[match.slot]
             if source.length - match.length < KEEP_TAIL:
                 return match.slot
-            others = [s for s in free if s != match.slot]
-            if not others:
-                return match.slot
-            s = self.victim(others)
-            if s in self._held and self._held[s].used > source.used:
-                return match.slot
-            return s
+            s = self.spare([s for s in free if s != match.slot], source)
+            return match.slot if s is None else s
         return self.victim(free)

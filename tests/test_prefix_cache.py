@@ -79,30 +79,38 @@ def test_waiting_pays_when_the_shared_tokens_cost_more_than_a_forward():
     assert worth_waiting(32, 0.0, 0.0) and not worth_waiting(31, 0.0, 0.0)   # no fit yet: the prior
 
 
-def test_eviction_order_empty_slots_then_least_recently_used():
+def test_eviction_order_empty_rows_then_least_recently_used_then_fresh_rows():
     cache = PrefixCache()
     cache.hold(2, Row(ids(1, 2), 2))
     cache.hold(0, Row(ids(3, 4), 2))
     cache.hold(1, Row(ids(5, 6), 2))
-    assert cache.victim([0, 1, 2, 3]) == 3                 # an empty slot before any held row
-    assert cache.victim([0, 1, 2]) == 2                    # then the least recently held
+    cache.written([3])
+    assert cache.victim([0, 1, 2, 3, 4]) == 3              # a written row holding nothing before any held row
+    assert cache.victim([0, 1, 2, 4]) == 2                 # then the least recently held
+    assert cache.victim([4, 5]) == 4                       # a row never written only when nothing else is free
     cache.move(2, 3)                                       # moving is no use: still the oldest
     assert cache.victim([0, 1, 3]) == 3
     assert cache.spare([1], than=cache.held(0)) is None    # row 1 is more recent than row 0: row 0 goes
     assert cache.spare([0], than=cache.held(1)) == 0
-    cache.hold(3, Row(ids(), 0))                           # nothing fed: nothing held
-    assert 3 not in cache and len(cache) == 2
+    assert cache.spare([2, 5], than=cache.held(1)) == 2    # row 2 was written (it held row 3's content)
+    assert cache.spare([5], than=cache.held(1)) is None    # a fresh row is not written to keep a row
+    cache.hold(6, Row(ids(), 0))                           # nothing fed: nothing held
+    assert 6 not in cache and len(cache) == 3
+    cache.clear()
+    assert len(cache) == 0 and cache.victim([0, 1, 5]) == 0   # the written rows stay known
 
 
 def test_a_new_request_takes_a_held_row_unless_it_would_lose_a_long_tail():
     cache = PrefixCache()
     cache.hold(0, Row(np.arange(100), 100))
     cache.hold(1, Row(np.arange(50) + 1000, 50))
+    cache.written([2])
     short_tail = lookup(np.arange(100 - KEEP_TAIL + 2), cache.rows(), {})[0]
     assert cache.slot_for([0, 1, 2], short_tail) == 0                        # take it: no copy
     long_tail = lookup(np.arange(40), cache.rows(), {})[0]
-    assert cache.slot_for([0, 1, 2], long_tail) == 2                         # copy into the empty slot
+    assert cache.slot_for([0, 1, 2], long_tail) == 2                         # copy into the empty row
     assert cache.slot_for([0, 1], long_tail) == 0                            # row 1 is more recent: lose the tail
+    assert cache.slot_for([0, 1, 3], long_tail) == 0                         # row 3 was never written
     assert cache.slot_for([0, 1, 2], None) == 2
 
 
@@ -141,7 +149,7 @@ def same(a, b, logprobs: bool = False) -> None:
 
 def fresh(g) -> None:
     """Forget what the pool holds (a test's reuse comes from its own requests only)."""
-    g.core._prefix = type(g.core._prefix)()
+    g.core._prefix.clear()
 
 
 PARAMS = [SamplingParams.greedy(8, stop_at_eos=False), SamplingParams(max_new_tokens=8, seed=3, top_k=0),
@@ -250,6 +258,7 @@ def test_least_recently_used_rows_go_first(tiny_model, cold):
     g = load_generator(tiny_model, max_batch=2, threads=1)
     try:
         params = SamplingParams(max_new_tokens=4, seed=0)
+        g.generate([RNG.integers(0, EOS, 8).tolist() for _ in range(2)], params)   # both rows written
         a, b, c = (RNG.integers(0, EOS, 40).tolist() for _ in range(3))
         for p in (a, b, c):
             assert g.generate(p, params).timings.cached_tokens == 0
@@ -366,3 +375,19 @@ def test_speculative_decoding_reuses_the_draft_rows_too(tmp_path_factory, tiny_m
     finally:
         for g in spec:
             g.close()
+
+
+def test_a_request_that_shares_nothing_writes_no_fresh_row(tiny_model):
+    """The pool commits memory where it is first written (and a first write faults pages in): keeping a
+    finished row must not write a row that requests never used. Sequential unrelated requests on a
+    fresh engine run in row 0, as with caching off; the held row there gives way."""
+    g = load_generator(tiny_model, max_batch=4, threads=1)
+    try:
+        for n in (120, 30, 60):
+            out = g.generate(RNG.integers(0, EOS, n).tolist(), SamplingParams.greedy(4))
+            assert out.timings.cached_tokens == 0
+        arrays = g.core._cache.arrays
+        assert all(not np.any(a[1:]) for a in arrays), "a row other than 0 was written"
+        assert len(g.core._prefix) == 1 and g.core._prefix.held(0) is not None
+    finally:
+        g.close()
