@@ -9,6 +9,8 @@
                first streamed token, at the client), on vs off
   (d) load     unrelated prompts from 8 closed-loop clients (the scheduler issue's load: 12-token
                prompts, 64 new tokens, 2 requests each), in-process: output tokens/s, on vs off
+  (e) fresh    a fresh engine: a 600-token request, then 4 unrelated 100-token ones, one after the
+               other: their TTFT, on vs off (what sharing nothing costs before the pool is warm)
 
 Both sides of every comparison alternate round by round, so drift and other jobs hit both alike; ratios
 are taken within a round, then their median. (a) and (d) run on ONE in-process Generator whose prefix
@@ -173,6 +175,33 @@ def part_load(gen, rounds: int, rng, clients: int = 8, per_client: int = 2, prom
             "host_ms_per_step_off": _pct(rows, "off", "host_ms_per_step"),
             "ratio_median": float(np.median(ratios)), "ratio_min": min(ratios), "ratio_max": max(ratios),
             "same_tokens": True}
+
+
+# ---- (e) sharing nothing on a fresh engine --------------------------------------------------------------------
+
+def part_fresh(model: Path, threads: int, rounds: int, rng, vocab: int, echo=print) -> dict:
+    """A fresh Generator per side and round (a fresh pool: its rows not yet written)."""
+    from engine import Generator
+    rows = []
+    for i in range(rounds):
+        first = random_ids(rng, 600, vocab)
+        others = [random_ids(rng, 100, vocab) for _ in range(4)]
+        row, tokens = {}, {}
+        for side in order(i):
+            with Generator.from_pretrained(model, threads=threads, max_batch=8, prefix_caching=side == "on") as g:
+                g.generate(first, SamplingParams.greedy(8))
+                outs = [g.generate(p, SamplingParams.greedy(4)) for p in others]
+            tokens[side] = [o.token_ids for o in outs]
+            row[side] = {"ttft_s": float(np.median([o.timings.ttft_s for o in outs])),
+                         "cached_tokens": sum(o.timings.cached_tokens for o in outs)}
+        if tokens["on"] != tokens["off"]:
+            raise RuntimeError(f"(e) round {i}: the tokens differ with prefix caching: not timed")
+        row["ratio"] = row["on"]["ttft_s"] / row["off"]["ttft_s"]
+        rows.append(row)
+        echo(f"  (e) round {i + 1}: TTFT (median of 4) on {row['on']['ttft_s'] * 1e3:.1f} ms, "
+             f"off {row['off']['ttft_s'] * 1e3:.1f} ms, ratio {row['ratio']:.3f}")
+    return {"rounds": rows, "ttft_on_ms": _pct(rows, "on", "ttft_s", 1e3), "ttft_off_ms": _pct(rows, "off", "ttft_s", 1e3),
+            "ratio_median": float(np.median([r["ratio"] for r in rows]))}
 
 
 # ---- the servers ---------------------------------------------------------------------------------------------
@@ -376,6 +405,11 @@ def table(record: dict) -> str:
         lines.append(f"| (c) 6-turn chat through serve, TTFT of turn 6 (p50 ms) | {ch['ttft_last_on_ms']['p50']:.0f} | "
                      f"{ch['ttft_last_off_ms']['p50']:.0f} | {ch['ratio_median']:.3f} | <= 0.3 | "
                      f"{ch['load'][0]} -> {ch['load'][1]} |")
+    if "fresh" in p:
+        e = p["fresh"]
+        lines.append(f"| (e) fresh engine: unrelated 100-token requests after a 600-token one, TTFT (p50 ms) | "
+                     f"{e['ttft_on_ms']['p50']:.1f} | {e['ttft_off_ms']['p50']:.1f} | {e['ratio_median']:.3f} | "
+                     f"within noise | {e['load'][0]} -> {e['load'][1]} |")
     if "load" in p:
         d = p["load"]
         lines.append(f"| (d) unrelated prompts, 8 clients, tokens/s (p50) | {d['tokens_per_s_on']['p50']:.1f} | "
@@ -401,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench-results/prefix-cache"), help="results.json, table.md")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per part (after one warm-up round)")
-    ap.add_argument("--parts", default="ttft,lm_eval,chat,load", help="comma-separated: ttft, lm_eval, chat, load")
+    ap.add_argument("--parts", default="ttft,lm_eval,chat,load,fresh",
+                    help="comma-separated: ttft, lm_eval, chat, load, fresh")
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -425,6 +460,11 @@ def main(argv: list[str] | None = None) -> int:
                 record["parts"][name] = {**fn(gen, args.rounds, rng), "load": [before, load()]}
     finally:
         gen.core.close()     # its tokenizer still counts the chat's prompt tokens
+    if "fresh" in parts:
+        before = load()
+        print(f"(e) fresh: load avg {before}")
+        record["parts"]["fresh"] = {**part_fresh(model, args.threads, max(args.rounds // 2, 2), rng, vocab),
+                                    "load": [before, load()]}
     if parts & {"lm_eval", "chat"}:
         servers = {side: Server(model, args.threads, side == "on", args.work_dir / f"serve-{side}.log") for side in SIDES}
         try:
