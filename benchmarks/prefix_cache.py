@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     if "fresh" in parts:
         before = load()
         print(f"(e) fresh: load avg {before}")
-        record["parts"]["fresh"] = {**part_fresh(model, args.threads, max(args.rounds // 2, 2), rng, vocab),
+        record["parts"]["fresh"] = {**part_fresh(model, args.threads, args.rounds, rng, vocab),
                                     "load": [before, load()]}
     if parts & {"lm_eval", "chat"}:
         servers = {side: Server(model, args.threads, side == "on", args.work_dir / f"serve-{side}.log") for side in SIDES}
