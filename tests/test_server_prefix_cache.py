@@ -75,7 +75,7 @@ def test_lm_eval_burst_scores_the_context_once_with_a_cold_servers_logprobs(serv
     results = []
     for url in (warm.url, cold.url):
         with ThreadPoolExecutor(4) as pool:
-            results.append(list(pool.map(lambda b: post(url, b), bodies)))
+            results.append(list(pool.map(lambda b, url=url: post(url, b), bodies)))
     cached = [r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in results[0]]
     assert sum(c >= len(CONTEXT) - 1 for c in cached) >= 3, cached        # all but the first (or none) reused
     for a, b in zip(*results):
