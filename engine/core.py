@@ -398,7 +398,7 @@ class EngineCore:
         if plan.empty:
             return None
         by_key = {r.id: r for r in live}
-        decode = [by_key[k] for k in plan.decode]
+        decode = sorted((by_key[k] for k in plan.decode), key=lambda r: r.slot)   # rows in place stay put
         first = [by_key[plan.first_chunk.key]] if plan.first_chunk else decode
         chunks = [by_key[c.key] for c in plan.chunks]
         self._arrange(first + chunks)
