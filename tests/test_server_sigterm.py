@@ -131,7 +131,8 @@ def test_serve_without_a_model_fails_with_exit_1(tmp_path):
     srv = ServeProcess(str(tmp_path / "missing"), "--port", "0")
     try:
         assert srv.proc.wait(60) == 1, srv.log
-        assert "loading" in srv.log and "failed" in srv.log
+        # Checked before binding (issue 24 item 11): one error line naming the path, never "listening".
+        assert "missing" in srv.log and "listening" not in srv.log
     finally:
         srv.kill()
 
