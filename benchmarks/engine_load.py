@@ -18,7 +18,6 @@ the prompt run alone. Medians over rounds; ratios are taken within a round, then
 from __future__ import annotations
 
 import json
-import platform
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.conditions import collect_conditions
 from engine.sampling import SamplingParams
 
 
@@ -134,7 +134,7 @@ def run_load_bench(gen, plan: LoadPlan, out: Path | None = None, echo=print) -> 
         echo(f"round {r + 1}/{plan.rounds}: " + ", ".join(f"{k} {v:.3f}" for k, v in row["ratios"].items()))
     med = {k: float(np.median([rw["ratios"][k] for rw in rounds])) for k in rounds[0]["ratios"]}
     record = {"plan": asdict(plan), "model": str(gen.artifact.path), "precision": gen.artifact.precision,
-              "mixed_steps": gen.core.mixed_steps, "cpu": _cpu(), "load_before": _loadavg(), "rounds": rounds,
+              "mixed_steps": gen.core.mixed_steps, "conditions": collect_conditions(), "rounds": rounds,
               "median_ratios": med,
               "median_ms": {k: 1e3 * float(np.median([rw[k] for rw in rounds]))
                             for k in ("raw_b1_s", "raw_bB_s", "host_b1_s", "host_bB_s")},
@@ -143,23 +143,3 @@ def run_load_bench(gen, plan: LoadPlan, out: Path | None = None, echo=print) -> 
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=2))
     return record
-
-
-def _cpu() -> dict:
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    return {"machine": platform.machine(), "processor": platform.processor(),
-            "flags": sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "avx_vnni"))}
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return None

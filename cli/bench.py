@@ -407,8 +407,8 @@ def bench_load(model, init, precision, threads, batch, prompt_len, new_tokens, r
                                    prefix_caching=False, **kwargs) as gen:
         rec = run_load_bench(gen, LoadPlan(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, rounds=rounds),
                              out, echo=lambda m: click.echo(m, err=True))
-    click.echo(json.dumps({k: rec[k] for k in ("median_ratios", "median_ms", "first_tokens_ms_last_round", "cpu",
-                                               "load_before")}, indent=2))
+    click.echo(json.dumps({k: rec[k] for k in ("median_ratios", "median_ms", "first_tokens_ms_last_round",
+                                               "conditions")}, indent=2))
 
 
 if __name__ == "__main__":

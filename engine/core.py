@@ -129,7 +129,7 @@ class Request:
         self.logprobs: list[TokenLogprob] | None = [] if row.params.logprobs is not None else None
         # Prompt token j's logprob given tokens < j (None for token 0), when params.prompt_logprobs is set.
         self.prompt_logprobs: list[TokenLogprob | None] | None = \
-            [None] if getattr(row.params, "prompt_logprobs", None) is not None else None
+            [None] if row.params.prompt_logprobs is not None else None
         self.draft_filled = 0                              # slots of the draft's pool row holding this sequence
         self.drafts_proposed = self.drafts_accepted = 0
         self.draft_trials = 0                              # drafts judged (accepted + the first rejected of each round)
@@ -197,7 +197,7 @@ class EngineCore:
         self._prefix = PrefixCache()              # free rows that keep a finished request's keys and values
         self.prefix_queries = self.prefix_hits = 0
         # Mixed steps need the graph's chunk segment; others run the chunk segment as a forward of its own.
-        self.mixed_steps = bool(getattr(backend, "mixed_steps", False))
+        self.mixed_steps = backend.mixed_steps
         self.cost = CostModel()                   # a forward's time by its tokens (the scheduler's prices)
         self._cache = None                        # the pool: allocated on the loop thread's first admission
         self._slots: list[Request | None] = [None] * max_batch   # slot -> request; row max_batch: scratch

@@ -214,7 +214,7 @@ class Generator:
         timings = Timings(self.load_s, admitted - r.submitted, (t[0] if t else r.finished) - r.submitted,
                           tuple(float(b - a) for a, b in zip(t, t[1:])), r.finished - r.submitted,
                           r.drafts_proposed, r.drafts_accepted, r.cached_tokens)
-        prompt_lp = getattr(r, "prompt_logprobs", None)   # set by the core's prefill when params.prompt_logprobs is
+        prompt_lp = r.prompt_logprobs   # set by the core's prefill when params.prompt_logprobs is
         return GenerationOutput(row.text, list(row.generated), list(row.prompt_ids), row.finish_reason, timings,
                                 r.logprobs, None if prompt_lp is None else list(prompt_lp),
                                 random_weights=self.artifact.is_random)
