@@ -197,7 +197,7 @@ class EngineCore:
         self._prefix = PrefixCache()              # free rows that keep a finished request's keys and values
         self.prefix_queries = self.prefix_hits = 0
         # Mixed steps need the graph's chunk segment; others run the chunk segment as a forward of its own.
-        self.mixed_steps = backend.mixed_steps
+        self.mixed_steps = bool(getattr(backend, "mixed_steps", False))   # a backend without it: two forwards
         self.cost = CostModel()                   # a forward's time by its tokens (the scheduler's prices)
         self._cache = None                        # the pool: allocated on the loop thread's first admission
         self._slots: list[Request | None] = [None] * max_batch   # slot -> request; row max_batch: scratch
