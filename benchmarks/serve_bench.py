@@ -620,6 +620,7 @@ def run_serve_bench(specs: list, plan: ServePlan, out_dir: Path, *, work_root: P
         path = model.artifact("fp32")
         gen = Generator.from_pretrained(path, threads=plan.threads, max_batch=plan.max_batch,
                                         prefill_chunk=plan.prefill_chunk)
+        gen.warm_up()   # as `gpt2-engine serve` does: no mode pays for first touches of the slot pool
         log(f"{spec.name}: ready in {time.perf_counter() - t0:.0f} s ({path})"
             + ("; the server under --http must serve this model directory" if "http" in plan.modes else ""))
         try:

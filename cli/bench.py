@@ -405,6 +405,7 @@ def bench_load(model, init, precision, threads, batch, prompt_len, new_tokens, r
     # Prefix caching off: the shapes repeat their prompts round after round, and this measures batching.
     with Generator.from_pretrained(model, threads=threads or _physical_cores(), max_batch=batch,
                                    prefix_caching=False, **kwargs) as gen:
+        gen.warm_up()   # the slot pool committed up front, as `gpt2-engine serve` does
         rec = run_load_bench(gen, LoadPlan(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, rounds=rounds),
                              out, echo=lambda m: click.echo(m, err=True))
     click.echo(json.dumps({k: rec[k] for k in ("median_ratios", "median_ms", "first_tokens_ms_last_round",

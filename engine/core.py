@@ -67,7 +67,7 @@ from engine.errors import EngineClosed, EngineError, EngineOverloaded
 from engine.loop import RowState, advance, decode_step, sample_rows
 from engine.prefix_cache import PrefixCache, Row, lookup, worth_waiting
 from engine.sampling import logits_to_probs, sequence_logprobs, top_logprobs
-from engine.scheduler import MAX_IDLE_TOKENS, Chunk, CostModel, RowInfo, StepPlan, prompt_budget, schedule
+from engine.scheduler import MAX_IDLE_TOKENS, Budget, Chunk, CostModel, RowInfo, StepPlan, Work, schedule, step_budget
 from engine.speculative import SpeculationPolicy, accept_drafts, draw
 
 
@@ -250,6 +250,21 @@ class EngineCore:
         with self._cond:
             self.prefix_caching = bool(on)
 
+    def warm_up(self) -> None:
+        """Allocate the slot pool now with all of its memory committed (backend.new_cache(commit=True)),
+        so that no forward under load pays for rows it touches first. A server calls this before it
+        takes requests; an embedded engine that serves one request at a time need not (the pool then
+        commits memory only where rows are written). Does nothing once the pool exists."""
+        with self._cond:
+            self._new_pool(commit=True)
+
+    def _new_pool(self, commit: bool) -> None:
+        """The slot pool, once: one row more than max_batch, the scratch row that swaps go through. Under the lock."""
+        if self._cache is None:
+            self._cache = self.backend.new_cache(self.max_batch + 1, self.capacity, commit=commit)
+            if self.draft is not None:
+                self._draft_cache = self.draft.new_cache(self.max_batch + 1, self.capacity, commit=commit)
+
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -291,10 +306,7 @@ class EngineCore:
                 self._waiting.remove(r)
                 self._finish_unadmitted(r, "abort" if r.abort_requested else "deadline")
             copies = self._admit(now)
-        if self._cache is None:  # one row more than max_batch: the scratch row that swaps go through
-            self._cache = self.backend.new_cache(self.max_batch + 1, self.capacity)
-            if self.draft is not None:
-                self._draft_cache = self.draft.new_cache(self.max_batch + 1, self.capacity)
+            self._new_pool(commit=False)
         for c in copies:          # reused prefixes, in the order admission decided them
             self._copy(*c)
         now = time.perf_counter()
@@ -375,13 +387,13 @@ class EngineCore:
                 r.error = e if isinstance(e, EngineError) else EngineError(f"{type(e).__name__}: {e}")
             return None
 
-    def prompt_budget(self, n_decoding: int) -> int:
-        """Prompt tokens this iteration (engine/scheduler.py), or the fixed `prefill_chunk` override."""
+    def step_budget(self, n_decoding: int) -> Budget:
+        """Prompt work this iteration (engine/scheduler.py), or the fixed `prefill_chunk` override."""
         if n_decoding and self.prefill_chunk:
-            return self.prefill_chunk
+            return Budget(self.prefill_chunk)
         if self.prefill_chunk == 0:
-            return MAX_IDLE_TOKENS
-        return prompt_budget(n_decoding, self.max_batch, self.cost)
+            return Budget(MAX_IDLE_TOKENS)
+        return step_budget(n_decoding, self.max_batch, self.cost)
 
     def _step(self) -> float | None:
         """Plan one iteration, arrange the pool to fit it, run it as one forward, sample. Returns the
@@ -393,8 +405,8 @@ class EngineCore:
             return self._decode_alone(live[0])
         infos = [RowInfo(r.id, len(r.row.prompt_ids), r.prefilled, r.decoding and bool(r.token_times)) for r in live]
         n_dec = sum(i.decoding for i in infos)
-        plan = schedule(infos, self.prompt_budget(n_dec), self.capacity, self.backend.max_prompt or 0,
-                        self.backend.max_batch)
+        plan = schedule(infos, self.step_budget(n_dec), self.capacity, self.backend.max_prompt or 0,
+                        self.backend.max_batch, self.cost)
         if plan.empty:
             return None
         by_key = {r.id: r for r in live}
@@ -406,7 +418,7 @@ class EngineCore:
         t0 = time.perf_counter()
         logits = self._forward_guarded(first + chunks, lambda: self._run_segments(*segs))
         dt = time.perf_counter() - t0
-        self.cost.observe(plan.tokens, dt)
+        self.cost.observe(plan.work, dt)
         if logits is None:
             return dt
         first_logits, chunk_logits = logits
@@ -552,7 +564,7 @@ class EngineCore:
         logits = self._forward_guarded([r], lambda: decode_step(self.backend, view, np.array([r.last_token], np.int64),
                                                                  np.array([r.filled], np.int64)))
         dt = time.perf_counter() - t0
-        self.cost.observe(1, dt)
+        self.cost.observe(Work(decode=1), dt)
         if logits is not None:
             self._sample([r], logits)
         return dt

@@ -330,6 +330,12 @@ class Generator:
         """Abort every request in flight (e.g. a server shutting down past its drain bound)."""
         self.core.abort_all()
 
+    def warm_up(self) -> None:
+        """Commit the slot pool's memory now (EngineCore.warm_up): what a server does before it takes
+        requests, so that the first forwards under load do not fault in fresh rows. Memory: the whole
+        pool, (max_batch + 1) x max_context slots a layer (gpt2 fp32 at 8 rows: ~0.7 GB)."""
+        self.core.warm_up()
+
     def stats(self) -> EngineStats:
         """Running and waiting requests, free slots, forward calls so far."""
         return self.core.stats()

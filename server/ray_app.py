@@ -137,6 +137,7 @@ class GPT2Engine:
         self.num_cpus = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
         self.threads = threads or threads_for(self.num_cpus)
         self.gen = Generator.from_pretrained(path, threads=self.threads, max_batch=max_batch, max_queue=max_queue)
+        self.gen.warm_up()   # the slot pool committed before the first request, not inside it
         self.state = ServerState(model_name=served_model_name or path.name, api_key=api_key, root=str(path.resolve()))
         self.state.set_ready(self.gen)
         self.cors_origins = tuple(cors_origins)

@@ -127,13 +127,16 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: i
                 warnings.simplefilter("ignore", RandomWeightsWarning)
                 gen = Generator.from_pretrained(directory, threads=threads, max_batch=max_batch, max_queue=max_queue,
                                                 draft=draft, prefix_caching=prefix_caching)
+            t0 = time.perf_counter()
+            gen.warm_up()              # the slot pool committed before the first request, not inside it
+            warm_s = time.perf_counter() - t0
             state.root = str(Path(directory).resolve())
             label = " [" + gen.artifact.label + "]" if gen.artifact.is_random else ""
             state.set_ready(gen)
             if server.should_exit:     # stopped while loading
                 return
-            log.info("ready: %s%s, context %d, max_batch %d, max_queue %d (load %.1f s)", state.model_name, label,
-                     gen.max_context, max_batch, max_queue, gen.load_s)
+            log.info("ready: %s%s, context %d, max_batch %d, max_queue %d (load %.1f s, slot pool %.1f s)",
+                     state.model_name, label, gen.max_context, max_batch, max_queue, gen.load_s, warm_s)
         except Exception as e:  # noqa: BLE001 -- reported on /health and in the log; the server then stops
             state.status, state.error = "failed", f"{type(e).__name__}: {e}"
             log.error("loading %s failed: %s", model, state.error)

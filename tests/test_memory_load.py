@@ -239,6 +239,33 @@ def test_lazy_zeros_commit_memory_only_where_written():
     assert a[0, :, :2].sum() == 12 * 2 * 64 and not a[1:].any() and not a[0, :, 2:].any()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_lazy_zeros_committed_up_front_is_resident_and_zero():
+    """A server's warm-up (EngineCore.warm_up): the whole pool resident before the first forward, so no
+    forward under load faults fresh rows in."""
+    before = _rss_anon()
+    a = lazy_zeros((8, 12, 1024, 64), np.float32, commit=True)       # 25 MB
+    grown = _rss_anon() - before
+    assert grown >= 0.9 * a.nbytes, grown
+    assert a.shape == (8, 12, 1024, 64) and a.flags.writeable and not a.any()
+
+
+def test_engine_warm_up_commits_the_pool_once_and_changes_no_output(exports):
+    cold = Generator.from_pretrained(exports["fp32"], threads=1, max_batch=2, prefix_caching=False)
+    warm = Generator.from_pretrained(exports["fp32"], threads=1, max_batch=2, prefix_caching=False)
+    try:
+        warm.warm_up()
+        pool = warm.core._cache
+        assert pool is not None and pool.row0_huge and pool.batch == 3     # max_batch + the scratch row
+        warm.warm_up()
+        assert warm.core._cache is pool                                  # once
+        params = SamplingParams(max_new_tokens=6, temperature=0.0)
+        assert warm.generate(IDS[0, :5].tolist(), params).token_ids == cold.generate(IDS[0, :5].tolist(), params).token_ids
+    finally:
+        cold.close()
+        warm.close()
+
+
 def test_cache_is_zeroed_views_share_memory_and_rows_copy(exports):
     be = OrtBackend(load_artifact(exports["fp32"]), threads=1)
     try:

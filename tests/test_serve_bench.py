@@ -44,7 +44,7 @@ class ShiftedBackend:
         self.inner = inner
         self.max_prompt, self.fixed_capacity, self.max_batch = inner.max_prompt, inner.fixed_capacity, inner.max_batch
 
-    def new_cache(self, batch, capacity):
+    def new_cache(self, batch, capacity, commit=False):
         return self.inner.new_cache(batch, capacity)
 
     def view(self, cache, start, stop):

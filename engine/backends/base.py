@@ -42,8 +42,10 @@ class Backend(Protocol):
     max_batch: int | None        # most rows per forward (TensorRT profile); None = no limit
     mixed_steps: bool            # forward_mixed runs two segments in one forward (ORT, graph version >= 5)
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
-        """Allocate the per-layer key/value buffers once: (batch, n_head, capacity, head_dim) each."""
+    def new_cache(self, batch: int, capacity: int, commit: bool = False) -> KVCache:
+        """Allocate the per-layer key/value buffers once: (batch, n_head, capacity, head_dim) each.
+        commit: back every slot with memory now (a server's warm-up), where the backend would otherwise
+        commit memory as rows are first written (ONNX Runtime CPU: lazy_zeros)."""
         ...
 
     def forward(self, cache: Any, input_ids: np.ndarray, cache_positions: np.ndarray,

@@ -200,8 +200,9 @@ class TrtBackend:
 
     # -- Backend interface ----------------------------------------------------------------------------
 
-    def new_cache(self, batch: int, capacity: int) -> TrtCache:
-        """Buffers at the engine's fixed capacity (>= the one asked for: more slots are harmless)."""
+    def new_cache(self, batch: int, capacity: int, commit: bool = False) -> TrtCache:
+        """Buffers at the engine's fixed capacity (>= the one asked for: more slots are harmless).
+        Device memory is committed when allocated: `commit` changes nothing here."""
         if not 1 <= batch <= self.max_batch:
             raise InputError(f"batch must be in [1, {self.max_batch}] for this engine, got {batch}: "
                              f"build one with a larger --max-batch")
