@@ -2,8 +2,7 @@
 
 import pytest
 
-from engine.scheduler import (ITL_STRETCH, MAX_IDLE_TOKENS, MIN_CHUNK, Budget, Chunk, CostModel, RowInfo, Work, schedule,
-                              step_budget)
+from engine.scheduler import ITL_STRETCH, MAX_IDLE_TOKENS, MIN_CHUNK, Budget, Chunk, CostModel, RowInfo, Work, schedule, step_budget
 
 CAP = 1024
 
