@@ -371,7 +371,7 @@ def test_ttft_spans_the_cache_allocation_for_the_engine_and_hf(tiny):
     engine = _engine_spec(model).load()
     hf = peers.HFRunner(model.checkpoint_dir, threads=1)
     new_cache, new_hf_cache = engine.backend.new_cache, hf._new_cache
-    engine.backend.new_cache = lambda b, c: time.sleep(0.2) or new_cache(b, c)
+    engine.backend.new_cache = lambda b, c, commit=False: time.sleep(0.2) or new_cache(b, c, commit)
     hf._new_cache = lambda: time.sleep(0.2) or new_hf_cache()
     prompts = models.prompt_ids(2, 8, TINY.vocab_size, TINY.eos_token_id)
     for runner in (engine, hf):

@@ -31,8 +31,8 @@ def caches(monkeypatch):
     made = []
     original = OrtBackend.new_cache
 
-    def counting(self, batch, capacity):
-        cache = original(self, batch, capacity)
+    def counting(self, batch, capacity, commit=False):
+        cache = original(self, batch, capacity, commit)
         made.append(cache)
         return cache
 
