@@ -7,16 +7,18 @@ apart, each would have to re-establish them. What to run is decided in engine/sc
                    1. admit waiting requests into free slots (FIFO), drop aborted / expired ones; with
                       prefix caching each starts after the longest prefix of its prompt a row holds
                    2. plan = scheduler.schedule(rows, budget from the cost model)
-                   3. arrange the pool: the plan's first-segment rows at [0, d), its chunk rows after
+                   3. arrange the pool: each segment's rows a contiguous run, where the fewest copies
+                      put them (`_runs`)
                    4. ONE forward: decode tokens and prompt chunks together (backend.forward_mixed),
                       timed into the cost model; sample; stream deltas out
                    5. free finished rows' slots
 
 The pool is one backend cache of `max_batch` rows plus a scratch row, allocated once; a request owns
 a row from admission to its end, though not always the same row: `_arrange` moves rows so that each
-segment of the next forward is a contiguous row range (a move copies a row's filled slots only; a
-swap goes through the scratch row). In a steady decode the rows stay put, a lone request decodes at
-batch 1, and a finished row leaves a hole that the next plan fills with one copy.
+segment of the next forward is a contiguous row range, anywhere in the pool (a move copies a row's
+filled slots only; a swap goes through the scratch row). In a steady decode the rows stay put, a lone
+request decodes at batch 1, and a finished row leaves a hole that the next plan fills with one copy, or
+none when the run can shift past it.
 
 Prefix caching (on by default; engine/prefix_cache.py decides, this file copies): a finished
 request's row keeps its keys and values while its slot is free (least recently used first to go), and
@@ -25,8 +27,9 @@ finished row's slot (no copy) or copies the prefix from another row, running or 
 the filled slots is far cheaper than a prefill). A request whose prefix another row is still prefilling
 waits in the queue for it when that saves more than a forward's fixed part (the cost model's fit): a
 burst of prompts sharing a context prefills the context once. Only slots [0, filled) of a row are ever
-reused (a chunk's right padding may have written past them). `_arrange` moves a held row out of the
-way of the plan's rows (into a free slot past them) rather than overwrite it, when one is free.
+reused (a chunk's right padding may have written past them). The runs avoid held rows where they can
+(a held row counts as a copy in `_runs`); `_arrange` moves a held row out of the way of the plan's
+rows (into a free slot outside them) rather than overwrite it, when one is free.
 
 Graphs without the chunk segment (exports before graph version 5, the TensorRT fp16 graph) run the
 chunk rows as a forward of their own after the first segment's: the same plans, two forwards.
@@ -410,11 +413,15 @@ class EngineCore:
         if plan.empty:
             return None
         by_key = {r.id: r for r in live}
-        decode = sorted((by_key[k] for k in plan.decode), key=lambda r: r.slot)   # rows in place stay put
-        first = [by_key[plan.first_chunk.key]] if plan.first_chunk else decode
-        chunks = [by_key[c.key] for c in plan.chunks]
-        self._arrange(first + chunks)
-        segs = self._segments(plan, first, chunks)
+        first = [by_key[plan.first_chunk.key]] if plan.first_chunk else [by_key[k] for k in plan.decode]
+        pairs = [(by_key[c.key], c) for c in plan.chunks]
+        at, chunk_at = self._runs(first, [r for r, _ in pairs])
+        first = _stay_put(first, at)
+        decode = [] if plan.first_chunk else first
+        pairs = _stay_put(pairs, chunk_at, row=lambda p: p[0])
+        chunks, chunk_plan = [r for r, _ in pairs], [c for _, c in pairs]
+        self._arrange([(r, at + i) for i, r in enumerate(first)] + [(r, chunk_at + i) for i, r in enumerate(chunks)])
+        segs = self._segments(plan, first, at, chunks, chunk_plan, chunk_at)
         t0 = time.perf_counter()
         logits = self._forward_guarded(first + chunks, lambda: self._run_segments(*segs))
         dt = time.perf_counter() - t0
@@ -426,18 +433,20 @@ class EngineCore:
             self._sample(decode, first_logits[:, 0])
         else:
             self._prompt_done([(first[0], plan.first_chunk, first_logits[0])])
-        self._prompt_done([(r, c, chunk_logits[b]) for b, (r, c) in enumerate(zip(chunks, plan.chunks))])
+        self._prompt_done([(r, c, chunk_logits[b]) for b, (r, c) in enumerate(pairs)])
         return dt
 
-    def _segments(self, plan: StepPlan, first: list[Request], chunks: list[Request]) -> tuple[Segment, Segment | None]:
-        """The plan's forward inputs: the first segment at rows [0, len(first)), the chunk segment after it."""
+    def _segments(self, plan: StepPlan, first: list[Request], at: int, chunks: list[Request],
+                  chunk_plan: list[Chunk], chunk_at: int) -> tuple[Segment, Segment | None]:
+        """The plan's forward inputs: the first segment at rows [at, at + len(first)), the chunk segment
+        at rows [chunk_at, chunk_at + len(chunks)) (chunks[b] feeds chunk_plan[b])."""
         if plan.first_chunk is None:                                      # decode rows, one token each
             ids = np.array([[r.last_token] for r in first], np.int64)                          # (B, 1)
             pos = np.array([r.filled for r in first], np.int64)                                # (B,)
-            seg = Segment(0, len(first), ids, pos, np.zeros((len(first), 1), np.int64))
+            seg = Segment(at, at + len(first), ids, pos, np.zeros((len(first), 1), np.int64))
         else:
-            seg = self._chunk_segment(0, first, [plan.first_chunk], plan.first_chunk.length)
-        rest = self._chunk_segment(len(first), chunks, list(plan.chunks), plan.chunk_len) if chunks else None
+            seg = self._chunk_segment(at, first, [plan.first_chunk], plan.first_chunk.length)
+        rest = self._chunk_segment(chunk_at, chunks, chunk_plan, plan.chunk_len) if chunks else None
         return seg, rest
 
     def _chunk_segment(self, start: int, rows: list[Request], chunks: list[Chunk], T: int) -> Segment:
@@ -487,14 +496,45 @@ class EngineCore:
             r.prompt_logprobs.extend(TokenLogprob(int(t), float(x), list(zip(ti.tolist(), tl.tolist())))
                                      for t, x, ti, tl in zip(ids[c.start + 1:c.start + 1 + n], lp, top_ids, top_lp))
 
-    def _arrange(self, order: list[Request]) -> None:
-        """Put order[i] in slot i (each segment is a contiguous run of rows): a request moves into a free
-        slot with one row copy, or swaps with the slot's holder through the scratch row (three)."""
+    def _runs(self, first: list[Request], chunks: list[Request]) -> tuple[int, int]:
+        """Where each segment's contiguous run of rows starts: where the rows already are when they form
+        runs (a steady decode), else the two disjoint runs that cost the fewest cache slots copied: a
+        plan row outside its run moves (its filled slots), a running row in the way swaps out and back
+        (twice its filled slots), a held prefix row in the way is kept by a copy (its length)."""
+        d, k = len(first), len(chunks)
+        at, chunk_at = _run_start(first), _run_start(chunks) if chunks else 0
+        if at is not None and chunk_at is not None:
+            return at, chunk_at
+        plan = {r.id for r in first} | {r.id for r in chunks}
+
+        def in_the_way(slot):
+            other = self._slots[slot]
+            if other is not None:
+                return 0 if other.id in plan else 2 * other.filled
+            held = self._prefix.held(slot)
+            return held.length if held is not None else 0
+
+        way = [in_the_way(j) for j in range(self.max_batch)]
+
+        def costs(rows):                                  # per start of the rows' run
+            n = len(rows)
+            return [sum(r.filled for r in rows if not a <= r.slot < a + n) + sum(way[a:a + n])
+                    for a in range(self.max_batch - n + 1)]
+        if not k:
+            c = costs(first)
+            return c.index(min(c)), 0
+        cf, cc = costs(first), costs(chunks)
+        return min(((a, c) for a in range(len(cf)) for c in range(len(cc)) if a + d <= c or c + k <= a),
+                   key=lambda ac: cf[ac[0]] + cc[ac[1]])
+
+    def _arrange(self, placement: list[tuple[Request, int]]) -> None:
+        """Put each request in its slot: it moves into a free slot with one row copy, or swaps with the
+        slot's holder through the scratch row (three)."""
         scratch = self.max_batch
-        self._prefix.written(range(len(order)))       # the forward writes every row of the plan
+        self._prefix.written(i for _, i in placement)   # the forward writes every row of the plan
         if len(self._prefix):
-            self._keep_held(order)
-        for i, r in enumerate(order):
+            self._keep_held(placement)
+        for r, i in placement:
             if r.slot == i:
                 continue
             other = self._slots[i]
@@ -506,23 +546,22 @@ class EngineCore:
                 self._move(r, src, i)
                 self._move(other, scratch, src)
 
-    def _keep_held(self, order: list[Request]) -> None:
-        """Slots [0, len(order)) are about to take the plan's rows: a held row there moves to a free slot
-        past them (an empty one, or one whose content was used less recently), or, when none is free, to
-        the slot that its replacement order[i] leaves if that row was written before (through the scratch
+    def _keep_held(self, placement: list[tuple[Request, int]]) -> None:
+        """The placement's slots are about to take the plan's rows: a held row in one moves to a free slot
+        outside them (an empty one, or one whose content was used less recently), or, when none is free,
+        to the slot that its replacement r leaves if that row was written before (through the scratch
         row unless it holds nothing yet); failing both it is dropped (prefix_cache: no fresh row is written
         to keep a row)."""
-        n, scratch = len(order), self.max_batch
-        for i in range(n):
+        taken, scratch = {i for _, i in placement}, self.max_batch
+        for r, i in placement:
             row = self._prefix.held(i)
             if row is None:
                 continue
-            r = order[i]
-            spare = self._prefix.spare([j for j in range(n, self.max_batch) if self._slots[j] is None], row)
+            spare = self._prefix.spare([j for j in range(self.max_batch) if j not in taken and self._slots[j] is None], row)
             if spare is not None:
                 self._copy(i, spare, row.length, row.draft_length)
                 self._prefix.move(i, spare)
-            elif r.slot is not None and n <= r.slot < scratch and self._prefix.is_written(r.slot):
+            elif r.slot is not None and r.slot not in taken and r.slot < scratch and self._prefix.is_written(r.slot):
                 src = r.slot
                 self._prefix.move(i, src)              # src is free once r has moved into i
                 if r.filled or r.draft_filled:
@@ -672,6 +711,32 @@ class EngineCore:
         r.error = err
         r.finished = time.perf_counter()
         _deliver(r, Delta(error=err, request=r))
+
+
+def _run_start(rows: list[Request]) -> int | None:
+    """The first slot of rows that already form one contiguous run, else None."""
+    slots = sorted(r.slot for r in rows)
+    return slots[0] if slots[-1] - slots[0] == len(slots) - 1 else None
+
+
+def _stay_put(items: list, start: int, row: Callable[[Any], Request] = lambda r: r) -> list:
+    """items reordered for slots [start, start + len(items)): an item whose row already sits in that range
+    keeps its slot, the others fill the remaining slots in their order. A segment is any contiguous run
+    of rows, so when one row leaves, one row moves into its place (a cache copy of its filled slots:
+    ~5 ms per 1000 gpt2 slots on 2 cores), not every row after it."""
+    n = len(items)
+    placed: list = [None] * n
+    movers = []
+    for it in items:
+        slot = row(it).slot
+        if slot is not None and start <= slot < start + n and placed[slot - start] is None:
+            placed[slot - start] = it
+        else:
+            movers.append(it)
+    holes = iter(i for i, it in enumerate(placed) if it is None)
+    for it in movers:
+        placed[next(holes)] = it
+    return placed
 
 
 def _contexts(row: RowState, drafts: list[int]) -> tuple[np.ndarray | None, np.ndarray | None]:
