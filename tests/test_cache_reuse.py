@@ -191,7 +191,7 @@ def test_chunked_prefill_equals_one_shot_prefill(tiny_model, caches):
     later row may move into a finished one's slot, so each request's slots are copied when it ends)."""
     prompts = [PROMPTS[1], PROMPTS[3], PROMPTS[2], " the" * 30]  # last tokens in chunks 2, 0, 1 and 4
     params = [SamplingParams(max_new_tokens=n, seed=n) for n in (10, 4, 7, 12)]
-    ended = []                                                  # per run: prompt -> (row, slots filled)
+    ended = []                                          # per run: prompt -> its filled slots, per buffer
 
     def recording(gen):
         free, rows = gen.core._free, {}
