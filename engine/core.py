@@ -56,11 +56,12 @@ request run alone.
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -376,7 +377,7 @@ class EngineCore:
     def _copy(self, src: int, dst: int, n: int, draft_n: int = 0) -> None:
         """Copy row src's first n slots over row dst (and the draft pool's first draft_n)."""
         self._prefix.written((dst,))
-        self.backend.copy_row(self._cache, src, dst, n)
+        self._copy_row(src, dst, n)
         if draft_n and self.draft is not None:
             self.draft.copy_row(self._draft_cache, src, dst, draft_n)
 
@@ -408,17 +409,22 @@ class EngineCore:
             return self._decode_alone(live[0])
         infos = [RowInfo(r.id, len(r.row.prompt_ids), r.prefilled, r.decoding and bool(r.token_times)) for r in live]
         n_dec = sum(i.decoding for i in infos)
-        plan = schedule(infos, self.step_budget(n_dec), self.capacity, self.backend.max_prompt or 0,
-                        self.backend.max_batch, self.cost)
+        budget = self.step_budget(n_dec)
+        plan = schedule(infos, budget, self.capacity, self.backend.max_prompt or 0, self.backend.max_batch, self.cost)
         if plan.empty:
             return None
         by_key = {r.id: r for r in live}
-        first = [by_key[plan.first_chunk.key]] if plan.first_chunk else [by_key[k] for k in plan.decode]
-        pairs = [(by_key[c.key], c) for c in plan.chunks]
-        at, chunk_at = self._runs(first, [r for r, _ in pairs])
-        first = _stay_put(first, at)
+        first, pairs, at, chunk_at, copied = self._placed(plan, by_key)
+        if copied and plan.chunks and math.isfinite(budget.seconds):
+            # The copies run in this iteration: they come out of its budget (scheduler policy 2). Once:
+            # a replanned step may copy a little differently, within a step's noise.
+            left = max(budget.seconds - self.cost.predict_copy(copied), 0.0)
+            replanned = schedule(infos, replace(budget, seconds=left), self.capacity, self.backend.max_prompt or 0,
+                                 self.backend.max_batch, self.cost)
+            if replanned != plan:
+                plan = replanned
+                first, pairs, at, chunk_at, _ = self._placed(plan, by_key)
         decode = [] if plan.first_chunk else first
-        pairs = _stay_put(pairs, chunk_at, row=lambda p: p[0])
         chunks, chunk_plan = [r for r, _ in pairs], [c for _, c in pairs]
         self._arrange([(r, at + i) for i, r in enumerate(first)] + [(r, chunk_at + i) for i, r in enumerate(chunks)])
         segs = self._segments(plan, first, at, chunks, chunk_plan, chunk_at)
@@ -435,6 +441,15 @@ class EngineCore:
             self._prompt_done([(first[0], plan.first_chunk, first_logits[0])])
         self._prompt_done([(r, c, chunk_logits[b]) for b, (r, c) in enumerate(pairs)])
         return dt
+
+    def _placed(self, plan: StepPlan, by_key: dict[int, Request]
+                ) -> tuple[list[Request], list[tuple[Request, Chunk]], int, int, int]:
+        """The plan's rows in their segments' order and where each run starts (`_runs`): (first segment's
+        rows, (chunk row, its chunk) pairs, first's start, the chunk segment's start, cache slots to copy)."""
+        first = [by_key[plan.first_chunk.key]] if plan.first_chunk else [by_key[k] for k in plan.decode]
+        pairs = [(by_key[c.key], c) for c in plan.chunks]
+        at, chunk_at, copied = self._runs(first, [r for r, _ in pairs])
+        return _stay_put(first, at), _stay_put(pairs, chunk_at, row=lambda p: p[0]), at, chunk_at, copied
 
     def _segments(self, plan: StepPlan, first: list[Request], at: int, chunks: list[Request],
                   chunk_plan: list[Chunk], chunk_at: int) -> tuple[Segment, Segment | None]:
@@ -496,15 +511,16 @@ class EngineCore:
             r.prompt_logprobs.extend(TokenLogprob(int(t), float(x), list(zip(ti.tolist(), tl.tolist())))
                                      for t, x, ti, tl in zip(ids[c.start + 1:c.start + 1 + n], lp, top_ids, top_lp))
 
-    def _runs(self, first: list[Request], chunks: list[Request]) -> tuple[int, int]:
-        """Where each segment's contiguous run of rows starts: where the rows already are when they form
-        runs (a steady decode), else the two disjoint runs that cost the fewest cache slots copied: a
-        plan row outside its run moves (its filled slots), a running row in the way swaps out and back
-        (twice its filled slots), a held prefix row in the way is kept by a copy (its length)."""
+    def _runs(self, first: list[Request], chunks: list[Request]) -> tuple[int, int, int]:
+        """Where each segment's contiguous run of rows starts, and the cache slots that putting them there
+        copies: where the rows already are when they form runs (a steady decode: none), else the two
+        disjoint runs that cost the fewest cache slots copied: a plan row outside its run moves (its
+        filled slots), a running row in the way swaps out and back (twice its filled slots), a held
+        prefix row in the way is kept by a copy (its length)."""
         d, k = len(first), len(chunks)
         at, chunk_at = _run_start(first), _run_start(chunks) if chunks else 0
         if at is not None and chunk_at is not None:
-            return at, chunk_at
+            return at, chunk_at, 0
         plan = {r.id for r in first} | {r.id for r in chunks}
 
         def in_the_way(slot):
@@ -522,10 +538,11 @@ class EngineCore:
                     for a in range(self.max_batch - n + 1)]
         if not k:
             c = costs(first)
-            return c.index(min(c)), 0
+            return c.index(min(c)), 0, min(c)
         cf, cc = costs(first), costs(chunks)
-        return min(((a, c) for a in range(len(cf)) for c in range(len(cc)) if a + d <= c or c + k <= a),
+        a, c = min(((a, c) for a in range(len(cf)) for c in range(len(cc)) if a + d <= c or c + k <= a),
                    key=lambda ac: cf[ac[0]] + cc[ac[1]])
+        return a, c, cf[a] + cc[c]
 
     def _arrange(self, placement: list[tuple[Request, int]]) -> None:
         """Put each request in its slot: it moves into a free slot with one row copy, or swaps with the
@@ -576,7 +593,7 @@ class EngineCore:
 
     def _move(self, r: Request, src: int, dst: int) -> None:
         """Copy r's filled slots from row src to row dst (target and draft pools) and record it there."""
-        self.backend.copy_row(self._cache, src, dst, r.filled)
+        self._copy_row(src, dst, r.filled)
         if self.draft is not None and r.draft_filled:
             self.draft.copy_row(self._draft_cache, src, dst, r.draft_filled)
         if src < self.max_batch and self._slots[src] is r:
@@ -586,6 +603,12 @@ class EngineCore:
             self._prefix.written((dst,))
             self._slots[dst] = r
         r.slot = dst
+
+    def _copy_row(self, src: int, dst: int, n: int) -> None:
+        """One row copy in the target pool, timed: the scheduler prices a plan's copies (CostModel.observe_copy)."""
+        t0 = time.perf_counter()
+        self.backend.copy_row(self._cache, src, dst, n)
+        self.cost.observe_copy(n, time.perf_counter() - t0)
 
     def _decode_alone(self, r: Request) -> float:
         """The lone decoding request with a draft model: a speculative round when it pays, else a plain step."""

@@ -22,7 +22,10 @@ Admission policy (stated here, measured in docs/bench):
      every chunk row), fitted online from every forward the loop times. While rows decode, the prompt
      work of a step may add at most what makes it ITL_STRETCH times a full batch's decode step
      (`max_batch` rows), which bounds the decoding rows' inter-token latency; the earliest prompt
-     still gets MIN_CHUNK tokens (progress for a long prompt deep into its cache). With nothing
+     still gets MIN_CHUNK tokens (progress for a long prompt deep into its cache). The row copies that
+     arranging the pool for a plan needs (engine/core.py: each segment a contiguous run of rows) run in
+     the same iteration, so they are paid from the same budget, at the copy rate the loop measures
+     (`CostModel.observe_copy`): a step that moves a long row carries fewer prompt tokens. With nothing
      decoding, nobody waits on the step: prompts go whole (up to MAX_IDLE_TOKENS per forward).
   3. Within the budget the earliest prompts go first, several together when they fit (chunk rows
      share one padded length): requests that arrive together get their first tokens from the same
@@ -120,12 +123,26 @@ class CostModel:
     OUTLIER = 2.0
     WARM = 8                                # observations before outliers are capped
 
+    COPY_MIN_SLOTS = 32                     # shorter row copies time their call overhead, not the slots
+
     def __init__(self):
         self._A = np.zeros((4, 4))
         self._b = np.zeros(4)
         self._n = 0
         self._prior: np.ndarray | None = None
         self._coef: np.ndarray | None = None
+        self._copy_s_per_slot = 0.0             # a row copy's seconds per cache slot (0: none timed yet)
+
+    def observe_copy(self, slots: int, seconds: float) -> None:
+        """A row copy of `slots` cache slots took `seconds` (host time between forwards)."""
+        if slots >= self.COPY_MIN_SLOTS:
+            rate = seconds / slots
+            old = self._copy_s_per_slot
+            self._copy_s_per_slot = rate if old == 0.0 else self.DECAY * old + (1 - self.DECAY) * min(rate, self.OUTLIER * old)
+
+    def predict_copy(self, slots: int) -> float:
+        """Seconds to copy `slots` cache slots between rows (0 before any copy was timed)."""
+        return self._copy_s_per_slot * slots
 
     @staticmethod
     def _features(w: Work) -> np.ndarray:

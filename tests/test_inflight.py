@@ -341,3 +341,32 @@ def test_a_finished_row_costs_at_most_one_move(tiny_model, monkeypatch, ends_fir
         monkeypatch.setattr(g.backend, "copy_row", lambda c, src, dst, n: moves.append((src, dst)) or copy_row(c, src, dst, n))
         assert [_key(o) for o in g.generate(PROMPTS, params)] == expected
         assert len(moves) == moves_expected and all(dst == ends_first for _, dst in moves), moves
+
+
+def test_a_step_that_copies_rows_carries_fewer_prompt_tokens(tiny_model, monkeypatch):
+    """The row copies that arranging the pool needs run in the step's iteration, so they come out of its
+    prompt budget (scheduler policy 2). Priced here at a second each: a step that copies carries only the
+    MIN_CHUNK floor of prompt tokens, and every request's tokens stay its tokens alone."""
+    from engine import core
+    from engine.scheduler import MIN_CHUNK
+    with load_generator(tiny_model, max_batch=4, prefix_caching=False, threads=1) as g:
+        prompts = PROMPTS[:4] + [LONG]
+        params = [SamplingParams.greedy(3 if i == 1 else 12, stop_at_eos=False) for i in range(5)]
+        expected = [_key(g.generate(p, sp)) for p, sp in zip(prompts, params)]
+        monkeypatch.setattr(g.core.cost, "predict_copy", lambda slots: 1.0 if slots else 0.0)
+        copies, steps = [], []
+        copy_row = g.backend.copy_row
+        monkeypatch.setattr(g.backend, "copy_row", lambda c, src, dst, n: copies.append(n) or copy_row(c, src, dst, n))
+        segments = core.EngineCore._segments
+
+        def record(self, plan, *args):          # the plan the step runs, and the copies made for it
+            steps.append((plan, len(copies)))
+            copies.clear()
+            return segments(self, plan, *args)
+
+        monkeypatch.setattr(core.EngineCore, "_segments", record)
+        assert [_key(o) for o in g.generate(prompts, params)] == expected
+        copying = [plan for plan, n in steps if n and plan.chunks and plan.decode]
+        assert copying, "no step both copied rows and carried prompt tokens: the case is not exercised"
+        assert all(plan.chunk_len <= MIN_CHUNK for plan in copying)
+        assert max(plan.chunk_len for plan, n in steps if plan.decode) > MIN_CHUNK   # the budget is larger without copies

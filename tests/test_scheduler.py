@@ -165,3 +165,15 @@ def test_the_price_of_a_deep_chunk_row_keeps_the_plan_to_fewer_rows():
     assert [c.key for c in plan.chunks] == [10]
     with pytest.raises(ValueError, match="cost model"):
         schedule(rows, step_budget(4, 8, cm), capacity=CAP)
+
+
+def test_copy_rate_is_learned_from_long_copies_and_resists_one_outlier():
+    cm = CostModel()
+    assert cm.predict_copy(1000) == 0.0                        # nothing timed: copies are not priced yet
+    cm.observe_copy(4, 0.001)                                  # a short copy times its call overhead: ignored
+    assert cm.predict_copy(1000) == 0.0
+    for _ in range(20):
+        cm.observe_copy(500, 0.0025)                           # 5 ms per 1000 slots
+    assert cm.predict_copy(1000) == pytest.approx(0.005)
+    cm.observe_copy(500, 0.5)                                  # a page fault storm: capped at OUTLIER x the rate
+    assert cm.predict_copy(1000) < 0.0052
