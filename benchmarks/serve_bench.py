@@ -32,6 +32,7 @@ alone through the Generator (http: the same text, as the server returns text).
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -509,6 +510,7 @@ class ServePlan:
     validate_new_tokens: int = 32
     http_url: str | None = None
     http_model: str | None = None
+    rounds: int = 1                             # each point's modes, alternating, this many times
 
     def n_requests(self, concurrency: int | None) -> int:
         return self.requests or default_requests(concurrency, self.quick)
@@ -525,6 +527,8 @@ class ServePlan:
                                  "never split" if self.prefill_chunk == 0 else f"{self.prefill_chunk} tokens",
                 "requests per point": f"{req} (open loop: {self.n_requests(None)})",
                 "time limit per point": f"{self.time_limit_s:g} s",
+                **({"rounds": f"{self.rounds} per point, modes alternating; ratios within a round, goals on "
+                              "their median"} if self.rounds > 1 else {}),
                 "validation": f"{self.validate_requests} requests x <= {self.validate_new_tokens} tokens per mode, "
                               "exact greedy tokens vs the Generator alone"}
 
@@ -566,37 +570,37 @@ def measure_model(model: str, gen, modes: list, plan: ServePlan, *, weights: str
                             "prompt_tokens": [len(p) for p, _ in cases]})
     points = [("closed", c, None) for c in plan.concurrency] + [("open", None, r) for r in plan.rates]
     records = []
-    for load, c, rate in points:
+    # Rounds inside a point: its modes alternate (inflight, static, inflight, static, ...).
+    for (load, c, rate), rnd, m in itertools.product(points, range(plan.rounds), modes):
         n = plan.n_requests(c)
-        for m in modes:
-            if load == "open" and m.static:
-                continue                       # a static batch needs its prompts up front
-            rec = dict(base, mode=m.name, load=load, concurrency=c, rate=rate, requested=n)
-            if verdict[m.name] is not None:
-                records.append(ServeRecord(**rec, status=f"failed validation: {verdict[m.name]}"))
-                continue
-            calls0 = gen.stats().forward_calls if m.name == "inflight" else None
-            if m.static:
-                run = static_batches(m, workload, c, n, plan.time_limit_s)
-            elif load == "closed":
-                run = closed_loop(m.request, workload, c, n, plan.time_limit_s)
-            else:
-                run = open_loop(m.request, workload, rate, n, plan.time_limit_s, plan.arrival_seed)
-            s = summarize(run)
-            errors = s.pop("errors")
-            extra = {"errors": errors} if errors else {}
-            if calls0 is not None:
-                extra["forward_calls"] = gen.stats().forward_calls - calls0
-            status = STATUS_OK if s["requests"] else f"failed: every request failed ({'; '.join(errors)})"
-            if status != STATUS_OK:
-                s = {k: v for k, v in s.items() if k in ("failed", "wall_s", "stopped_by")}
-            records.append(ServeRecord(**rec, status=status, extra=extra, **s))
-            r = records[-1]
-            log(f"{model} {m.name} {r.point}: " + (
-                f"{r.output_throughput:.1f} tok/s, {r.request_throughput:.2f} req/s, ITL p99 "
-                f"{r.itl['p99'] * 1e3 if r.itl else float('nan'):.1f} ms ({r.requests} requests, {r.wall_s:.1f} s"
-                f"{', stopped by the time limit' if r.stopped_by == 'time' else ''}"
-                f"{f', {r.failed} failed' if r.failed else ''})" if r.ok else r.status))
+        if load == "open" and m.static:
+            continue                           # a static batch needs its prompts up front
+        rec = dict(base, mode=m.name, load=load, concurrency=c, rate=rate, requested=n, round=rnd)
+        if verdict[m.name] is not None:
+            records.append(ServeRecord(**rec, status=f"failed validation: {verdict[m.name]}"))
+            continue
+        calls0 = gen.stats().forward_calls if m.name == "inflight" else None
+        if m.static:
+            run = static_batches(m, workload, c, n, plan.time_limit_s)
+        elif load == "closed":
+            run = closed_loop(m.request, workload, c, n, plan.time_limit_s)
+        else:
+            run = open_loop(m.request, workload, rate, n, plan.time_limit_s, plan.arrival_seed)
+        s = summarize(run)
+        errors = s.pop("errors")
+        extra = {"errors": errors} if errors else {}
+        if calls0 is not None:
+            extra["forward_calls"] = gen.stats().forward_calls - calls0
+        status = STATUS_OK if s["requests"] else f"failed: every request failed ({'; '.join(errors)})"
+        if status != STATUS_OK:
+            s = {k: v for k, v in s.items() if k in ("failed", "wall_s", "stopped_by")}
+        records.append(ServeRecord(**rec, status=status, extra=extra, **s))
+        r = records[-1]
+        log(f"{model} {m.name} {r.point}{f' round {rnd + 1}/{plan.rounds}' if plan.rounds > 1 else ''}: " + (
+            f"{r.output_throughput:.1f} tok/s, {r.request_throughput:.2f} req/s, ITL p99 "
+            f"{r.itl['p99'] * 1e3 if r.itl else float('nan'):.1f} ms ({r.requests} requests, {r.wall_s:.1f} s"
+            f"{', stopped by the time limit' if r.stopped_by == 'time' else ''}"
+            f"{f', {r.failed} failed' if r.failed else ''})" if r.ok else r.status))
     return records
 
 

@@ -31,7 +31,10 @@ class ServeRecord:
     stopped_by: "count" (all sent) or "time" (the point's time limit came first)
     request_throughput / output_throughput: completed requests, output tokens per second of wall time
     ttft, itl, tpot, e2e, queue: percentiles (s); decode_step: static only, its full batches' steps
-    ratios: derived in the same run (add_ratios); validation: what the gate ran
+    ratios: derived in the same run (add_ratios), against the other modes of the same round
+    round: which of the run's rounds (bench-serve --rounds): the modes of a point alternate round by
+    round, so a drift in the machine's speed between modes lands on both sides of each ratio
+    validation: what the gate ran
     """
 
     model: str
@@ -59,6 +62,7 @@ class ServeRecord:
     queue: Percentiles | None = None
     decode_step: Percentiles | None = None
     ratios: dict = field(default_factory=dict)
+    round: int = 0
     workload: str | None = None
     validation: dict | None = None
     conditions: dict | None = None
@@ -125,18 +129,18 @@ def _p(dist: Percentiles | None, key: str) -> float | None:
 
 
 def add_ratios(records: list[ServeRecord]) -> None:
-    """Stored in each inflight (and http) record, against the other modes at the same model and C:
+    """Stored in each inflight (and http) record, against the other modes at the same model, C and round:
 
     tokens_vs_static, tokens_vs_thread_per_request   output tokens/s over theirs
     itl_p99_vs_static_step                            ITL p99 over static's batch-C decode step p50
     ttft_vs_thread_per_request, tpot_vs_thread_per_request   p50s, at C=1 only (a lone user)
     http: tokens_vs_inflight, itl_p99_vs_inflight, ttft_vs_inflight (p50): the cost of the HTTP layer
     """
-    by = {(r.model, r.load, r.concurrency, r.rate, r.mode): r for r in records if r.ok}
+    by = {(r.model, r.load, r.concurrency, r.rate, r.round, r.mode): r for r in records if r.ok}
     for r in records:
         if not r.ok or r.mode not in ("inflight", "http"):
             continue
-        key = (r.model, r.load, r.concurrency, r.rate)
+        key = (r.model, r.load, r.concurrency, r.rate, r.round)
         tpr, static, inflight = (by.get((*key, m)) for m in ("thread-per-request", "static", "inflight"))
         if r.mode == "inflight":
             if static is not None:
@@ -165,8 +169,18 @@ def _triplet(p: Percentiles | None, factor: float, keys=("p50", "p90", "p99")) -
     return _EMPTY if p is None else " / ".join(_num(p[k] * factor) for k in keys)
 
 
+def _rounds(records: Iterable[ServeRecord]) -> bool:
+    return len({r.round for r in records}) > 1
+
+
+def _point(r: ServeRecord, rounds: bool) -> str:
+    return f"{r.point} #{r.round + 1}" if rounds else r.point
+
+
 def markdown_table(records: Iterable[ServeRecord]) -> str:
     """One row per record, in the given order; failed modes show their status and no numbers."""
+    records = list(records)
+    rounds = _rounds(records)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in records:
         status = r.status.replace("|", "\\|").replace("\n", " ")
@@ -177,7 +191,7 @@ def markdown_table(records: Iterable[ServeRecord]) -> str:
                      _triplet(r.tpot, 1e3, ("p50",)), _triplet(r.e2e, 1.0), _triplet(r.queue, 1e3, ("p50", "p99")), n]
         else:
             cells = [_EMPTY] * 8
-        lines.append("| " + " | ".join([r.model, r.mode, r.point, *cells, status]) + " |")
+        lines.append("| " + " | ".join([r.model, r.mode, _point(r, rounds), *cells, status]) + " |")
     return "\n".join(lines)
 
 
@@ -189,22 +203,45 @@ def _ms(v: float | None) -> str:
     return _EMPTY if v is None else _num(v * 1e3)
 
 
+def _median(values: Iterable[float | None]) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
 def ratios_table(records: list[ServeRecord]) -> str | None:
-    """The in-flight engine against the other modes, per model and clients (closed loop)."""
+    """The in-flight engine against the other modes, per model and clients (closed loop): a row per
+    round, and with several rounds a row of their medians (each column's own median)."""
     rows = [r for r in records if r.ok and r.mode == "inflight" and r.load == "closed" and r.ratios]
     if not rows:
         return None
-    static = {(r.model, r.concurrency): r for r in records if r.ok and r.mode == "static"}
+    rounds = _rounds(records)
+    static = {(r.model, r.concurrency, r.round): r for r in records if r.ok and r.mode == "static"}
+    keys = ("tokens_vs_static", "tokens_vs_thread_per_request", "itl_p99_vs_static_step",
+            "ttft_vs_thread_per_request", "tpot_vs_thread_per_request")
     lines = ["| model | clients | inflight tok/s | / static | / thread-per-request | ITL p99 ms | static step p50 ms "
              "| ITL p99 / static step | TTFT p50 / thread-per-request | TPOT p50 / thread-per-request |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        s = static.get((r.model, r.concurrency))
-        step = _p(s.decode_step, "p50") if s else None
-        lines.append(f"| {r.model} | {r.concurrency} | {_num(r.output_throughput)} | {_x(r.ratios.get('tokens_vs_static'))} "
-                     f"| {_x(r.ratios.get('tokens_vs_thread_per_request'))} | {_ms(_p(r.itl, 'p99'))} | {_ms(step)} "
-                     f"| {_x(r.ratios.get('itl_p99_vs_static_step'))} "
-                     f"| {_x(r.ratios.get('ttft_vs_thread_per_request'))} | {_x(r.ratios.get('tpot_vs_thread_per_request'))} |")
+
+    def line(label, tokens, ratios, itl, step):
+        x = [_x(ratios.get(k)) for k in keys]
+        return (f"| {label} | {_num(tokens)} | {x[0]} | {x[1]} | {_ms(itl)} | {_ms(step)} | {x[2]} | {x[3]} | {x[4]} |")
+
+    def step_of(r):
+        s = static.get((r.model, r.concurrency, r.round))
+        return _p(s.decode_step, "p50") if s else None
+
+    for model, c in dict.fromkeys((r.model, r.concurrency) for r in rows):
+        group = [r for r in rows if (r.model, r.concurrency) == (model, c)]
+        for r in group:
+            lines.append(line(f"{model} | {c}" + (f" #{r.round + 1}" if rounds else ""), r.output_throughput,
+                              r.ratios, _p(r.itl, "p99"), step_of(r)))
+        if len(group) > 1:
+            lines.append(line(f"{model} | {c} median of {len(group)}", _median(r.output_throughput for r in group),
+                              {k: _median(r.ratios.get(k) for r in group) for k in keys},
+                              _median(_p(r.itl, "p99") for r in group), _median(step_of(r) for r in group)))
     return "\n".join(lines)
 
 
@@ -219,12 +256,12 @@ GOALS = (
 
 
 def goals_table(records: list[ServeRecord]) -> str | None:
+    """Each goal read off its ratio (with several rounds, their median)."""
     rows = []
     for model in dict.fromkeys(r.model for r in records):
-        inflight = {r.concurrency: r for r in records if r.ok and r.model == model and r.mode == "inflight"
-                    and r.load == "closed"}
+        inflight = [r for r in records if r.ok and r.model == model and r.mode == "inflight" and r.load == "closed"]
         for key, c, bound, kind, words in GOALS:
-            v = inflight[c].ratios.get(key) if c in inflight else None
+            v = _median(r.ratios.get(key) for r in inflight if r.concurrency == c)   # over rounds
             if v is None:
                 verdict = "not measured"
             else:
@@ -256,12 +293,12 @@ def _plot(plt, groups: dict, x_of, xlabel: str, log2: bool, path: Path, title: s
         # A colour per mode, a line style per model: the same mode reads alike across models.
         style = dict(marker="o", color=plt.cm.tab10(modes.index(mode) % 10),
                      linestyle=("-", "--", ":", "-.")[models.index(model) % 4], label=f"{model} {mode}")
-        rs = sorted(rs, key=x_of)
-        x = [x_of(r) for r in rs]
+        x = sorted({x_of(r) for r in rs})        # several rounds at one x: their median
         xs.update(x)
-        ax_t.plot(x, [r.output_throughput for r in rs], **style)
-        with_itl = [r for r in rs if r.itl]
-        ax_l.plot([x_of(r) for r in with_itl], [r.itl["p99"] * 1e3 for r in with_itl], **style)
+        ax_t.plot(x, [_median(r.output_throughput for r in rs if x_of(r) == v) for v in x], **style)
+        with_itl = [v for v in x if any(r.itl for r in rs if x_of(r) == v)]
+        ax_l.plot(with_itl, [_median(r.itl["p99"] for r in rs if r.itl and x_of(r) == v) * 1e3 for v in with_itl],
+                  **style)
     for ax, ylabel in ((ax_t, "output tokens/s"), (ax_l, "inter-token latency p99, ms")):
         if log2:
             ax.set_xscale("log", base=2)

@@ -298,6 +298,10 @@ def _range(option: str, value: tuple[int, int]) -> tuple[int, int]:
                    "at least 8).")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
               help="Seconds per point after which no request starts (those in flight finish).")
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Measure each point this many times, its modes alternating (inflight, static, inflight, ...): "
+                   "ratios are taken within a round and the goals read their median, so the machine's speed "
+                   "drifting between modes doesn't read as a difference.")
 @click.option("--mode", "modes", type=click.Choice(SERVE_MODES), multiple=True,
               help="Modes to run; repeatable (default: inflight, thread-per-request, static; with --http: http).")
 @click.option("--http", "http_url", default=None, metavar="URL",
@@ -318,7 +322,7 @@ def _range(option: str, value: tuple[int, int]) -> tuple[int, int]:
 @click.pass_context
 @friendly_errors
 def bench_serve(ctx, models, init, seed, init_range, threads, max_batch, prefill_chunk, concurrency, rates, requests, time_limit,
-                modes, http_url, http_model, prompt_lens, new_tokens, workload_seed, quick, out, work_dir):
+                rounds, modes, http_url, http_model, prompt_lens, new_tokens, workload_seed, quick, out, work_dir):
     """Serving benchmark: the in-flight engine, thread-per-request (the old Generator) and the static
     batch (the ceiling) under a closed-loop concurrency sweep and open-loop Poisson arrivals, on one
     seeded workload of mixed prompt lengths; every mode validated before it is timed.
@@ -358,7 +362,7 @@ def bench_serve(ctx, models, init, seed, init_range, threads, max_batch, prefill
                      threads=threads or _physical_cores(), max_batch=max_batch, prefill_chunk=prefill_chunk,
                      prompt_lens=prompt_lens,
                      new_tokens=new_tokens, workload_seed=workload_seed, arrival_seed=workload_seed,
-                     http_url=http_url, http_model=http_model)
+                     http_url=http_url, http_model=http_model, rounds=rounds)
     out = out or _new_results_dir("serve-")
     t0 = time.perf_counter()
     result = run_serve_bench(specs, plan, out, work_root=work_dir or _default_work_dir(),

@@ -82,10 +82,10 @@ def test_summary_rates_and_percentiles():
     assert s["decode_step"] is None
 
 
-def _rec(mode, c, tok_s, itl_p99=0.02, ttft=0.1, tpot=0.01, step=None, model="m"):
+def _rec(mode, c, tok_s, itl_p99=0.02, ttft=0.1, tpot=0.01, step=None, model="m", rnd=0):
     def p(v):
         return percentiles([v])
-    d = dict(model=model, mode=mode, load="closed", concurrency=c, output_throughput=tok_s, request_throughput=1.0,
+    d = dict(model=model, mode=mode, load="closed", concurrency=c, round=rnd, output_throughput=tok_s, request_throughput=1.0,
              requests=4, failed=0, ttft=p(ttft), tpot=p(tpot), itl={**p(itl_p99 / 2), "p99": itl_p99},
              e2e=p(1.0), queue=p(0.0))
     if step is not None:
@@ -113,6 +113,27 @@ def test_ratios_between_modes_of_one_run():
     assert "| m | 8 clients: output tokens/s >= 3x thread-per-request | 4.00x | met |" in goals
     assert "| other | 1 client: TTFT p50 within 10% of thread-per-request (<= 1.10x) | - | not measured |" in goals
     assert "| m | 8 | 200 | 0.80x | 4.00x | 50.0 | 40.0 | 1.25x |" in serve_report.ratios_table(recs)
+
+
+def test_rounds_pair_modes_within_a_round_and_goals_read_their_median(tmp_path):
+    # Three rounds; the machine ran slower in round 2 (both modes): within-round ratios see through it.
+    recs = []
+    for rnd, (tok, itl, step) in enumerate([(200.0, 0.045, 0.03), (150.0, 0.06, 0.04), (210.0, 0.048, 0.03)]):
+        recs += [_rec("inflight", 8, tok, itl_p99=itl, rnd=rnd), _rec("static", 8, tok * 1.25, step=step, rnd=rnd)]
+    add_ratios(recs)
+    assert [r.ratios["itl_p99_vs_static_step"] for r in recs[::2]] == pytest.approx([1.5, 1.5, 1.6])
+    assert [r.ratios["tokens_vs_static"] for r in recs[::2]] == pytest.approx([0.8] * 3)
+    table = serve_report.ratios_table(recs)
+    assert "| m | 8 #2 | 150 | 0.80x | - | 60.0 | 40.0 | 1.50x |" in table
+    assert "| m | 8 median of 3 | 200 | 0.80x | - | 48.0 | 30.0 | 1.50x |" in table
+    goals = serve_report.goals_table(recs)
+    assert "| m | 8 clients: ITL p99 <= 2x the static batch-8 decode step (p50) | 1.50x | met |" in goals
+    assert "| static | C=8 #3 |" in markdown_table(recs)
+    write_outputs(recs, tmp_path, "H")
+    assert [r.round for r in read_jsonl(tmp_path / "results.jsonl")] == [0, 0, 1, 1, 2, 2]
+    one = [_rec("inflight", 8, 200.0), _rec("static", 8, 250.0, step=0.04)]
+    add_ratios(one)
+    assert "#1" not in markdown_table(one) and "median" not in serve_report.ratios_table(one)
 
 
 def test_a_failed_record_carries_no_timings_and_points_are_consistent():
@@ -243,6 +264,19 @@ def test_a_mode_failing_validation_is_reported_not_timed(tiny_model, tiny_gen):
     assert any("inflight: FAILED validation" in s for s in said)
 
 
+def test_rounds_alternate_the_modes_of_each_point(tiny_gen):
+    plan = ServePlan(concurrency=(2,), requests=2, threads=1, prompt_lens=(16, 32), new_tokens=TINY_NEW,
+                     validate_requests=1, validate_new_tokens=3, rounds=2)
+    eos = tiny_gen.config.eos_token_id
+    said = []
+    recs = serve_bench.measure_model("tiny", tiny_gen, [serve_bench.InflightMode(tiny_gen),
+                                                        StaticMode(tiny_gen.backend, eos, tiny_gen.tokenizer)],
+                                     plan, log=said.append)
+    assert [(r.mode, r.round) for r in recs] == [("inflight", 0), ("static", 0), ("inflight", 1), ("static", 1)]
+    assert all(r.ok for r in recs) and any("round 2/2" in s for s in said)
+    assert "rounds" in plan.settings() and "rounds" not in ServePlan().settings()
+
+
 def test_inflight_records_count_forward_calls(tiny_gen):
     plan = ServePlan(concurrency=(2,), requests=4, threads=1, prompt_lens=(16, 32), new_tokens=TINY_NEW,
                      validate_requests=1, validate_new_tokens=3)
@@ -339,6 +373,9 @@ def test_cli_quick_defaults_and_explicit_options(monkeypatch, tmp_path):
     assert [s.name for s in seen["specs"]] == ["gpt2-medium"]
     CliRunner().invoke(cli.bench_serve, ["--out", str(tmp_path)])
     assert seen["plan"].concurrency == (1, 2, 4, 8, 16) and seen["plan"].n_requests(16) == 64
+    assert seen["plan"].rounds == 1
+    CliRunner().invoke(cli.bench_serve, ["--rounds", "3", "--out", str(tmp_path)])
+    assert seen["plan"].rounds == 3
 
 
 @pytest.mark.parametrize("args, code, message", [
@@ -347,6 +384,7 @@ def test_cli_quick_defaults_and_explicit_options(monkeypatch, tmp_path):
     (["--prompt-lens", "900", "1000"], 1, "exceeds gpt2's context (1024 tokens)"),
     (["--concurrency", "0"], 2, "--concurrency"),
     (["--rate", "0"], 2, "--rate"),
+    (["--rounds", "0"], 2, "--rounds"),
     (["--mode", "http"], 2, "--mode http needs --http URL"),
     (["--http", "http://127.0.0.1:9", "--mode", "inflight"], 2, "add --mode http"),
     (["--http", "http://127.0.0.1:9"], 1, "cannot reach http://127.0.0.1:9/v1/models"),
