@@ -579,7 +579,7 @@ def measure_model(model: str, gen, modes: list, plan: ServePlan, *, weights: str
         if verdict[m.name] is not None:
             records.append(ServeRecord(**rec, status=f"failed validation: {verdict[m.name]}"))
             continue
-        calls0 = gen.stats().forward_calls if m.name == "inflight" else None
+        stats0 = gen.stats() if m.name == "inflight" else None
         if m.static:
             run = static_batches(m, workload, c, n, plan.time_limit_s)
         elif load == "closed":
@@ -589,8 +589,10 @@ def measure_model(model: str, gen, modes: list, plan: ServePlan, *, weights: str
         s = summarize(run)
         errors = s.pop("errors")
         extra = {"errors": errors} if errors else {}
-        if calls0 is not None:
-            extra["forward_calls"] = gen.stats().forward_calls - calls0
+        if stats0 is not None:   # prefix_cache_hits: prompt tokens not computed (a repeated prompt, a later round)
+            stats = gen.stats()
+            extra["forward_calls"] = stats.forward_calls - stats0.forward_calls
+            extra["prefix_cache_hits"] = stats.prefix_cache_hits - stats0.prefix_cache_hits
         status = STATUS_OK if s["requests"] else f"failed: every request failed ({'; '.join(errors)})"
         if status != STATUS_OK:
             s = {k: v for k, v in s.items() if k in ("failed", "wall_s", "stopped_by")}

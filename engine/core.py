@@ -4,6 +4,7 @@ freeing share the pool's invariants (which request holds which row, each row's f
 apart, each would have to re-establish them. What to run is decided in engine/scheduler.py.)
 
     submit() ──> waiting queue (bounded) ──> loop thread, each iteration:
+                   0. with nothing admitted: wait while requests keep arriving (`_gather_arrivals`)
                    1. admit waiting requests into free slots (FIFO), drop aborted / expired ones; with
                       prefix caching each starts after the longest prefix of its prompt a row holds
                    2. plan = scheduler.schedule(rows, budget from the cost model)
@@ -73,6 +74,9 @@ from engine.prefix_cache import PrefixCache, Row, lookup, worth_waiting
 from engine.sampling import logits_to_probs, sequence_logprobs, top_logprobs
 from engine.scheduler import MAX_IDLE_TOKENS, Budget, Chunk, CostModel, RowInfo, StepPlan, Work, schedule, step_budget
 from engine.speculative import SpeculationPolicy, accept_drafts, draw
+
+ARRIVAL_QUIET_S = 0.0005    # _gather_arrivals: a gap this long ends a burst of arrivals (they come ~0.1 ms apart)
+ARRIVAL_WINDOW_S = 0.002    # ... and it waits this long at most
 
 
 @dataclass(frozen=True)
@@ -305,6 +309,9 @@ class EngineCore:
                 t_start = time.perf_counter()
             if self._closed:
                 return False
+            if not self._active:
+                self._gather_arrivals()
+                t_start = time.perf_counter()     # idle time, not the loop's host work
             now = time.perf_counter()
             for r in [r for r in self._waiting if r.abort_requested or _expired(r, now)]:
                 self._waiting.remove(r)
@@ -325,6 +332,22 @@ class EngineCore:
             self.steps += 1
             self.host_s += time.perf_counter() - t_start - forward_s
         return True
+
+    def _gather_arrivals(self) -> None:
+        """Nothing is admitted and a request waits: let the requests sent with it arrive first, so that
+        one forward prefills them all. Clients that send together reach submit() ~0.1 ms apart (they
+        take turns at the GIL), and a prompt that comes one forward late waits behind the decode budget:
+        8 threads calling generate at once got their first tokens up to 2.9x the static batch's TTFT
+        when this loop planned after the first 3-5 had arrived. Waits while each ARRIVAL_QUIET_S brings
+        another request, ARRIVAL_WINDOW_S at most; a lone request pays one quiet period. Under the lock."""
+        deadline = time.perf_counter() + ARRIVAL_WINDOW_S
+        seen = 0
+        while not self._closed and len(self._waiting) != seen and len(self._waiting) < self.max_batch:
+            seen = len(self._waiting)
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            self._cond.wait(min(ARRIVAL_QUIET_S, left))
 
     def _admit(self, now: float) -> list[tuple[int, int, int, int]]:
         """Waiting requests into free slots in arrival order, all that fit (scheduler policy 1); with prefix

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-ITL_STRETCH = 1.3       # a step with prompt tokens costs at most this x a full batch's decode step
+ITL_STRETCH = 1.25      # a step with prompt tokens: at most this x a full batch's decode step (docs/bench: 1.3 read 1.5x)
 MIN_CHUNK = 4           # prompt tokens per iteration at least for the earliest prompt, while rows decode
 MAX_IDLE_TOKENS = 4096  # prompt tokens (padded) per forward when nothing decodes: bounds activations
 COMPLETION_BONUS = 2    # packing: a prompt completed this step is worth this many more tokens fed

@@ -282,6 +282,7 @@ def test_inflight_records_count_forward_calls(tiny_gen):
                      validate_requests=1, validate_new_tokens=3)
     (r,) = serve_bench.measure_model("tiny", tiny_gen, [serve_bench.InflightMode(tiny_gen)], plan)
     assert r.ok and 0 < r.extra["forward_calls"] <= r.total_output_tokens + r.requests
+    assert 0 <= r.extra["prefix_cache_hits"] < r.total_prompt_tokens
 
 
 # ---- records -> table ----------------------------------------------------------------------------
