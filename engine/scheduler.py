@@ -15,7 +15,8 @@ forward, as the graph's chunk segment (export/graph.py). Two segments, ONNX Runt
 
 Admission policy (stated here, measured in docs/bench):
   1. Waiting requests take free slots in arrival order, all that fit, every iteration (a slot costs
-     nothing until its prompt is written). Aborted or expired requests are dropped by the loop first.
+     nothing until its prompt is written). Aborted or expired requests are dropped by the loop first;
+     an idle loop lets a burst of arrivals finish arriving before it plans (engine/core.py).
   2. Prompt work per iteration is priced by the cost model, `CostModel`: a forward costs
      fixed + per_row x decoding rows + per_token x prompt tokens + per_slot x the cache slots the chunk
      segment's attention reads (its rows x the longest row's length L: it slices and scores [0, L) of
