@@ -307,11 +307,11 @@ class EngineCore:
             while not self._closed and not self._waiting and not self._active:
                 self._cond.wait()
                 t_start = time.perf_counter()
-            if self._closed:
-                return False
-            if not self._active:
+            if not self._closed and not self._active:
                 self._gather_arrivals()
                 t_start = time.perf_counter()     # idle time, not the loop's host work
+            if self._closed:                      # (also while gathering)
+                return False
             now = time.perf_counter()
             for r in [r for r in self._waiting if r.abort_requested or _expired(r, now)]:
                 self._waiting.remove(r)
