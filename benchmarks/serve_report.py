@@ -9,6 +9,7 @@ tables show milliseconds (TTFT, ITL, TPOT, queue) and seconds (end-to-end).
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -204,11 +205,9 @@ def _ms(v: float | None) -> str:
 
 
 def _median(values: Iterable[float | None]) -> float | None:
-    values = sorted(v for v in values if v is not None)
-    if not values:
-        return None
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+    """The median of the measured values (None: none measured)."""
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
 
 
 def ratios_table(records: list[ServeRecord]) -> str | None:

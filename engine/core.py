@@ -433,7 +433,10 @@ class EngineCore:
         infos = [RowInfo(r.id, len(r.row.prompt_ids), r.prefilled, r.decoding and bool(r.token_times)) for r in live]
         n_dec = sum(i.decoding for i in infos)
         budget = self.step_budget(n_dec)
-        plan = schedule(infos, budget, self.capacity, self.backend.max_prompt or 0, self.backend.max_batch, self.cost)
+
+        def plan_within(b: Budget) -> StepPlan:
+            return schedule(infos, b, self.capacity, self.backend.max_prompt or 0, self.backend.max_batch, self.cost)
+        plan = plan_within(budget)
         if plan.empty:
             return None
         by_key = {r.id: r for r in live}
@@ -442,8 +445,7 @@ class EngineCore:
             # The copies run in this iteration: they come out of its budget (scheduler policy 2). Once:
             # a replanned step may copy a little differently, within a step's noise.
             left = max(budget.seconds - self.cost.predict_copy(copied), 0.0)
-            replanned = schedule(infos, replace(budget, seconds=left), self.capacity, self.backend.max_prompt or 0,
-                                 self.backend.max_batch, self.cost)
+            replanned = plan_within(replace(budget, seconds=left))
             if replanned != plan:
                 plan = replanned
                 first, pairs, at, chunk_at, _ = self._placed(plan, by_key)
